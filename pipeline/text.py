@@ -17,7 +17,7 @@ from .errors import UserError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
-_APOSTROPHES = re.compile(r"['\u2019`]")
+_APOSTROPHES = re.compile(r"['\u2018\u2019`]")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
@@ -80,14 +80,17 @@ class Vocab:
         return cls(itos[4:], d.get("min_count", 1), d.get("counts"))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=0))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=0), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"{path}: cannot read vocabulary ({e}).") from e
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError covers JSON and UTF-8 errors
+            raise UserError(f"{path}: cannot read vocabulary ({e}). Use the vocab.json of a run made by "
+                            f"`pipeline train`.") from e
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Vocab) and self.itos == other.itos

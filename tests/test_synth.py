@@ -1,0 +1,147 @@
+"""Synthetic shapes: deterministic files, valid boxes, true and varied captions, safe regeneration."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import make_shapes
+from pipeline import synth
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.text import tokenize
+
+COLOR = "|".join(synth.COLORS)
+SHAPE = "|".join(synth.SHAPES)
+SIZE = "|".join(w for ws in synth.SIZE_WORDS.values() for w in ws)
+NP = rf"an? (?:(?:{SIZE}) )?({COLOR}) ({SHAPE})"   # "a small red circle" -> (red, circle)
+RELATION = re.compile(rf"{NP} (above|below|to the left of|to the right of) {NP}")
+POSITION = re.compile(rf"(?:the|an?) (?:(?:{SIZE}) )?({COLOR}) ({SHAPE}) (?:is )?"
+                      rf"(on the left|on the right|at the top|at the bottom|in the middle|in the \w+ \w+ corner)")
+
+
+def entries(root):
+    return json.loads((root / "shapes.json").read_text())["images"]
+
+
+def test_same_arguments_give_identical_files_and_rerun_is_a_noop(tmp_path):
+    a = make_shapes(tmp_path / "a", 3, 1, 1, seed=7)
+    b = make_shapes(tmp_path / "b", 3, 1, 1, seed=7)
+    assert (a / "shapes.json").read_bytes() == (b / "shapes.json").read_bytes()
+    for f in (a / "images").iterdir():
+        assert f.read_bytes() == (b / "images" / f.name).read_bytes()
+    before = (a / "shapes.json").stat().st_mtime_ns
+    assert synth.generate(a, synth.SynthConfig(3, 1, 1, seed=7)) is False
+    assert (a / "shapes.json").stat().st_mtime_ns == before
+    other = make_shapes(tmp_path / "c", 3, 1, 1, seed=8)
+    assert (other / "shapes.json").read_bytes() != (a / "shapes.json").read_bytes()
+
+
+def test_regenerates_half_written_or_changed_sets(tmp_path):
+    root = tmp_path / "s"
+    assert synth.generate(root, synth.SynthConfig(4, 1, 1))
+    first = (root / "images" / "train_00000.jpg").read_bytes()
+    (root / "shapes.json").unlink()                       # as if interrupted before the json
+    assert synth.generate(root, synth.SynthConfig(4, 1, 1)) is True
+    assert synth.generate(root, synth.SynthConfig(2, 1, 0)) is True
+    names = sorted(p.name for p in (root / "images").iterdir())
+    assert names == ["train_00000.jpg", "train_00001.jpg", "val_00000.jpg"]   # stale images removed
+    assert (root / "images" / "train_00000.jpg").read_bytes() == first      # image i does not depend on counts
+    assert [e["filename"] for e in entries(root)] == names
+
+
+def test_refuses_a_foreign_directory_and_bad_counts(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(UserError, match="holds no synthetic shapes set"):
+        synth.generate(tmp_path, synth.SynthConfig(1, 0, 0))
+    with pytest.raises(UserError, match="--train must be >= 0"):
+        synth.generate(tmp_path / "new", synth.SynthConfig(-1, 0, 0))
+
+
+def test_images_objects_and_boxes(shapes_root):
+    for e in entries(shapes_root):
+        image = Image.open(shapes_root / "images" / e["filename"])
+        assert image.format == "JPEG" and image.mode == "RGB" and image.size == (224, 224)
+        pixels = np.asarray(image, dtype=int)
+        objects = e["objects"]
+        assert 1 <= len(objects) <= 3
+        assert len({(o["color"], o["shape"]) for o in objects}) == len(objects)
+        for o in objects:
+            x0, y0, x1, y1 = o["box"]
+            assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
+            assert o["size"] in synth.SIZES and o["color"] in synth.COLORS and o["shape"] in synth.SHAPES
+            centre = pixels[(y0 + y1) // 2, (x0 + x1) // 2]
+            assert np.abs(centre - synth.COLORS[o["color"]]).max() < 45, (e["filename"], o)
+        for i, a in enumerate(objects):
+            for b in objects[i + 1:]:
+                assert synth._disjoint(a["box"], b["box"])
+        corner = pixels[0, 0]
+        if not any(o["box"][0] == 0 and o["box"][1] == 0 for o in objects):
+            assert corner.min() > 180  # light background
+
+
+def test_captions_are_true_varied_and_name_objects(tmp_path):
+    root = make_shapes(tmp_path, 40, 0, 0, seed=3)
+    lengths, relations, positions = set(), 0, 0
+    for e in entries(root):
+        objects = e["objects"]
+        caps = [s["raw"] for s in e["sentences"]]
+        assert len(caps) == 5 and len(set(caps)) == 5
+        for cap in caps:
+            words = tokenize(cap)
+            lengths.add(len(words))
+            for w in words:
+                if w in synth.OBJECT_WORDS:
+                    assert synth.objects_named_by(w, objects), (cap, objects)
+            for c1, s1, rel, c2, s2 in RELATION.findall(cap):
+                a = next(o for o in objects if (o["color"], o["shape"]) == (c1, s1))
+                b = next(o for o in objects if (o["color"], o["shape"]) == (c2, s2))
+                (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["box"], b["box"]
+                assert {"above": ay1 <= by0, "below": ay0 >= by1,
+                        "to the left of": ax1 <= bx0, "to the right of": ax0 >= bx1}[rel], (cap, objects)
+                relations += 1
+            for c, s, where in POSITION.findall(cap):
+                o = next(o for o in objects if (o["color"], o["shape"]) == (c, s))
+                assert synth.position(o) == where, (cap, o)
+                positions += 1
+    assert len(lengths) >= 8 and min(lengths) <= 4 and max(lengths) >= 15
+    assert relations >= 5 and positions >= 5
+
+
+def test_position_and_relation_words():
+    box = lambda x0, y0, s=20: {"box": [x0, y0, x0 + s, y0 + s]}
+    assert synth.position(box(5, 5)) == "in the top left corner"
+    assert synth.position(box(5, 100)) == "on the left"
+    assert synth.position(box(100, 200)) == "at the bottom"
+    assert synth.position(box(100, 100)) == "in the middle"
+    assert synth.relation(box(10, 10), box(100, 20)) == "to the left of"
+    assert synth.relation(box(100, 150), box(110, 10)) == "below"
+    # far apart horizontally but overlapping in y: only left/right is true
+    assert synth.relation(box(10, 10, 60), box(100, 40, 20)) == "to the left of"
+
+
+def test_objects_named_by():
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 10, 10]},
+               {"color": "blue", "shape": "circle", "box": [20, 20, 30, 30]},
+               {"color": "red", "shape": "cross", "box": [40, 40, 50, 50]}]
+    assert synth.objects_named_by("red", objects) == [[0, 0, 10, 10], [40, 40, 50, 50]]
+    assert synth.objects_named_by("circles", objects) == [[0, 0, 10, 10], [20, 20, 30, 30]]
+    assert synth.objects_named_by("crosses", objects) == [[40, 40, 50, 50]]
+    assert synth.objects_named_by("green", objects) == []
+    assert synth.objects_named_by("the", objects) == []
+
+
+def test_cli_synth(tmp_path):
+    out = tmp_path / "shapes"
+    args = ["synth", "--out", str(out), "--train", "2", "--val", "1", "--test", "1", "--seed", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote 4 images" in result.output
+    again = CliRunner().invoke(main, args)
+    assert "already complete" in again.output
+    counts = CliRunner().invoke(main, ["datasets", "shapes", "--root", str(out)])
+    assert "test            1         5" in counts.output
