@@ -47,8 +47,7 @@ def create(path: str | Path, records: Sequence[Record], provenance: dict, *,
     tmp = path.with_name(path.name + ".creating")
     n = len(records)
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", shape=(n, num_regions, feature_dim), dtype=dtype,
-                         chunks=(1, num_regions, feature_dim))
+        _create_features(f, (n, num_regions, feature_dim), dtype)
         f.create_dataset("done", shape=(n,), dtype=bool, data=np.zeros(n, bool))
         f.create_dataset("bad", shape=(n,), dtype=bool, data=np.zeros(n, bool))
         root = Path(dataset_root) if dataset_root else None
@@ -66,6 +65,23 @@ def create(path: str | Path, records: Sequence[Record], provenance: dict, *,
         for k, v in attrs.items():
             f.attrs[k] = _attr(v)
     os.replace(tmp, path)  # a half-created file never has the final name
+
+
+def _create_features(f: h5py.File, shape: tuple[int, int, int], dtype: str) -> None:
+    """(N, L, C) chunked (1, L, C), all chunks allocated at creation.
+
+    Early allocation means filling rows later writes raw data only and never touches the chunk index,
+    so a process killed mid-extraction (kill -9) cannot leave the file structure inconsistent. Fill
+    values are never written (fast, sparse on disk): rows are meaningful only where /done is set.
+    """
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"unsupported feature dtype {dtype!r}; use float16 or float32.")
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((1,) + tuple(shape[1:]))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    htype = h5py.h5t.IEEE_F16LE if dtype == "float16" else h5py.h5t.IEEE_F32LE
+    h5py.h5d.create(f.id, b"features", htype, h5py.h5s.create_simple(tuple(shape)), dcpl=dcpl)
 
 
 def _rel(p: Path, root: Path | None) -> str:
@@ -120,6 +136,14 @@ def _open(path, mode="r") -> h5py.File:
         raise UserError(f"{path}: no such feature file. Create it with `make extract` / `pipeline extract`.")
     try:
         return h5py.File(path, mode)
+    except BlockingIOError as e:
+        if mode == "r":   # an extraction is writing it; reading a snapshot is fine for inspection
+            try:
+                return h5py.File(path, mode, locking=False)
+            except OSError:
+                pass
+        raise UserError(f"{path}: locked by another process (an extraction still running?). "
+                        f"Wait for it to finish or stop it, then retry.") from e
     except OSError as e:
         raise UserError(f"{path}: not a readable HDF5 feature file ({e}). Re-extract it with --force.") from e
 

@@ -1,0 +1,105 @@
+"""Extraction throughput on CPU: VGG19 (conv1_1..conv5_4, 224x224) images/s and achieved GFLOP/s,
+next to a fp32 GEMM (torch.mm) GFLOP/s measured in the same run on the same threads.
+
+    make bench-extract                       # defaults below
+    python benchmarks/bench_extract.py --batch-sizes 1,8,32 --threads 2 --seconds 10
+
+The ratio VGG19 GFLOP/s / GEMM GFLOP/s says how close the conv trunk runs to the machine's matmul
+peak (target >= 0.90). FLOPs are counted from the layer shapes (2 * MACs of the 16 convs: 39.0 GFLOP
+per image). Other processes on the machine lower both figures; the ratio is the comparable number.
+Results are also written to bench_out/bench_extract.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.backbones import BACKBONES, load_backbone  # noqa: E402
+
+
+def timed(fn, seconds: float, min_reps: int = 2) -> float:
+    """Mean seconds per call over >= min_reps calls and >= `seconds` total, after one warm-up call."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while n < min_reps or time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def gemm_gflops(n: int, seconds: float) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    t = timed(lambda: torch.mm(a, b, out=c), seconds)
+    return 2 * n ** 3 / t / 1e9
+
+
+def vgg_rate(module, bs: int, channels_last: bool, seconds: float) -> float:
+    x = torch.randn(bs, 3, 224, 224)
+    m = module
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        m = module.to(memory_format=torch.channels_last)
+    else:
+        m = module.to(memory_format=torch.contiguous_format)
+    with torch.inference_mode():
+        t = timed(lambda: m(x), seconds)
+    return bs / t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default = physical cores)")
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--layouts", default="channels_last,contiguous")
+    ap.add_argument("--gemm-n", type=int, default=4096)
+    ap.add_argument("--seconds", type=float, default=8.0, help="minimum timing per measurement")
+    ap.add_argument("--weights-dir", default="weights")
+    ap.add_argument("--out", default="bench_out/bench_extract.json")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = BACKBONES["vgg19"]
+    try:
+        module, _, sha = load_backbone("vgg19", None, args.weights_dir)
+    except Exception as e:  # noqa: BLE001 - same FLOPs either way; say so
+        print(f"note: real weights unavailable ({e}); timing random-init VGG19 (same FLOPs)")
+        module, _, sha = load_backbone("vgg19", "random")
+    flops = spec.flops_per_image
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, mkldnn {torch.backends.mkldnn.is_available()}")
+    print(f"VGG19 conv1_1..conv5_4 at 224: {flops / 1e9:.2f} GFLOP/image; weights {sha[:12]}")
+
+    g0 = gemm_gflops(args.gemm_n, args.seconds)
+    print(f"GEMM fp32 torch.mm {args.gemm_n}x{args.gemm_n}: {g0:.1f} GFLOP/s")
+    rows = []
+    for layout in args.layouts.split(","):
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            ips = vgg_rate(module, bs, layout == "channels_last", args.seconds)
+            gf = ips * flops / 1e9
+            rows.append({"layout": layout, "batch": bs, "img_s": ips, "gflops": gf})
+            print(f"VGG19 {layout:>13} batch {bs:>3}: {ips:6.2f} img/s  {gf:7.1f} GFLOP/s  ratio {gf / g0:.2f}")
+    g1 = gemm_gflops(args.gemm_n, args.seconds)            # again: detects load changes during the run
+    gemm = max(g0, g1)
+    best = max(rows, key=lambda r: r["gflops"])
+    print(f"GEMM again: {g1:.1f} GFLOP/s (load drift {100 * (g1 - g0) / g0:+.0f}%)")
+    print(f"best: {best['layout']} batch {best['batch']}: {best['img_s']:.2f} img/s, {best['gflops']:.1f} GFLOP/s "
+          f"= {best['gflops'] / gemm:.2f} x GEMM ({gemm:.1f} GFLOP/s); target >= 0.90")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "gemm_gflops": [g0, g1],
+                               "flops_per_image": flops, "runs": rows, "best": best,
+                               "ratio": best["gflops"] / gemm}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

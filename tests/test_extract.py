@@ -1,0 +1,245 @@
+"""Stage one: extraction into the HDF5 cache (tiny backbone, synthetic images; seconds on CPU)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import backbones, store
+from pipeline.errors import UserError
+from pipeline.extract import encode_images, extract, info
+from pipeline.records import Record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_builder(seed: int = 0, delay: float = 0.0, fail_after: int | None = None):
+    """(B,3,28,28) -> (B,8,14,14), deterministic weights per seed. Registered as a backbone entry."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if fail_after is not None and self.calls > fail_after:
+                raise RuntimeError("simulated crash")
+            if delay:
+                time.sleep(delay)
+            return torch.relu(self.conv(x))
+
+    def build(weights, weights_dir):
+        return Tiny().eval(), f"tiny-seed{seed}"
+    return build
+
+
+def tiny_spec(name="tiny", **kw):
+    return backbones.BackboneSpec(name, 28, (14, 14), 8, backbones.imagenet_preprocessing(28), tiny_builder(**kw))
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec())
+    monkeypatch.setitem(backbones.BACKBONES, "tiny2", tiny_spec("tiny2", seed=1))
+    return "tiny"
+
+
+def make_records(tmp_path: Path, n: int = 10, bad: tuple[int, ...] = ()) -> list[Record]:
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir(exist_ok=True)
+    recs = []
+    for i in range(n):
+        p = tmp_path / "img" / f"{i:03d}.jpg"
+        if i in bad:
+            p.write_bytes(b"not a jpeg at all")
+        else:
+            mode = ["RGB", "L", "RGBA", "CMYK"][i % 4]   # exercised through the same preprocess
+            a = rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)
+            Image.fromarray(a).convert(mode).save(p.with_suffix(".png") if mode == "RGBA" else p)
+            if mode == "RGBA":
+                p = p.with_suffix(".png")
+        split = ["train", "val", "test", ""][i % 4]     # "" = in no split: not cached
+        recs.append(Record(p.name, p, split, [f"caption {i} a", f"caption {i} b"]))
+    return recs
+
+
+def run(recs, out, backbone="tiny", **kw):
+    kw.setdefault("workers", 0)
+    kw.setdefault("batch_size", 3)
+    return extract(recs, out, dataset="syn", backbone=backbone, progress=False, **kw)
+
+
+def test_layout_and_attrs(tmp_path, tiny):
+    recs = make_records(tmp_path)
+    out = tmp_path / "f.h5"
+    res = run(recs, out, dataset_root=tmp_path)
+    kept = [r for r in recs if r.split]
+    assert res.computed == len(kept) == 8
+    with h5py.File(out) as f:
+        assert f["features"].shape == (8, 196, 8) and f["features"].dtype == np.float16
+        assert f["features"].chunks == (1, 196, 8)
+        assert f["done"][()].all() and not f["bad"][()].any()
+        assert [s.decode() for s in f["image_ids"][()]] == [r.image_id for r in kept]
+        assert f["filenames"][0].decode() == "img/000.jpg"          # relative to the dataset root
+        assert len(f["captions"]) == 16 and list(f["caption_row"][:4]) == [0, 0, 1, 1]
+    a = store.read_attrs(out)
+    for k in ("backbone", "weights_sha256", "preprocessing", "input_size", "grid", "feature_dim", "dtype",
+              "dataset", "split_hashes", "code_version", "created", "format_version", "num_images"):
+        assert k in a, k
+    assert a["grid"] == [14, 14] and a["feature_dim"] == 8 and a["backbone"] == "tiny"
+    assert set(a["split_hashes"]) == {"train", "val", "test"}
+    st = store.FeatureStore.open(out)
+    feats = st.load_features()
+    assert np.abs(feats).sum(axis=(1, 2)).min() > 0                      # no zero rows
+    # Grid layout: region l = y*14 + x of the backbone's (C,14,14) map.
+    mod, spec, _ = backbones.load_backbone("tiny")
+    x = spec.preprocess(Image.open(recs[0].path))[None]
+    with torch.no_grad():
+        y = mod(x)[0]                                                     # (8,14,14)
+    np.testing.assert_allclose(feats[0, 3 * 14 + 5], y[:, 3, 5].numpy(), rtol=2e-3, atol=2e-3)
+    assert "split train: 3 images, done 3" in info(out)
+
+
+def test_workers_and_float32_match(tmp_path, tiny):
+    recs = make_records(tmp_path, n=7)
+    a = run(recs, tmp_path / "a.h5", dtype="float32").path
+    b = run(recs, tmp_path / "b.h5", dtype="float32", workers=2, batch_size=4).path
+    fa, fb = store.FeatureStore.open(a).load_features(), store.FeatureStore.open(b).load_features()
+    assert fa.dtype == np.float32
+    np.testing.assert_array_equal(fa, fb)
+
+
+def test_resume_after_exception_identical(tmp_path, tiny, monkeypatch):
+    recs = make_records(tmp_path, n=14)
+    ref = store.FeatureStore.open(run(recs, tmp_path / "ref.h5").path).load_features()
+    out = tmp_path / "crash.h5"
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec(fail_after=2))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(recs, out)
+    done = store.FeatureStore.open(out, require_complete=False).done
+    assert 0 < done.sum() < len(done)
+    with pytest.raises(UserError, match="incomplete"):
+        store.FeatureStore.open(out)
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec())
+    res = run(recs, out)
+    assert res.computed == len(done) - done.sum()                         # only the missing rows
+    np.testing.assert_array_equal(store.FeatureStore.open(out).load_features(), ref)
+
+
+def test_resume_after_kill9_identical(tmp_path):
+    """A real `kill -9` mid-run (subprocess): the re-run completes with rows identical to a clean run."""
+    recs_py = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from pathlib import Path
+        import pipeline.extract as E
+        from pipeline import backbones
+        from test_extract import tiny_spec, make_records
+        delay = float(sys.argv[2])
+        backbones.BACKBONES["tiny"] = tiny_spec(delay=delay)
+        E.FLUSH_EVERY_S = 0.0
+        recs = make_records(Path({str(tmp_path)!r}), n=40)
+        E.extract(recs, sys.argv[1], dataset="syn", backbone="tiny", workers=1, batch_size=2, progress=False)
+    """)
+    script = tmp_path / "run.py"
+    script.write_text(recs_py)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, script, tmp_path / "ref.h5", "0"], check=True, env=env, timeout=120)
+    out = tmp_path / "killed.h5"
+    p = subprocess.Popen([sys.executable, script, out, "0.15"], env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            time.sleep(0.3)
+            try:
+                with h5py.File(out, "r", locking=False) as f:
+                    if f["done"][()].sum() >= 6:
+                        break
+            except (OSError, KeyError):
+                pass
+        os.killpg(p.pid, signal.SIGKILL)   # the process group: the extractor and its loader worker
+    finally:
+        p.wait(timeout=30)
+    done = store.FeatureStore.open(out, require_complete=False).done
+    assert 0 < done.sum() < len(done)
+    subprocess.run([sys.executable, script, out, "0"], check=True, env=env, timeout=120)
+    a, b = store.FeatureStore.open(tmp_path / "ref.h5"), store.FeatureStore.open(out)
+    np.testing.assert_array_equal(a.load_features(), b.load_features())
+    assert np.abs(b.load_features()).sum(axis=(1, 2)).min() > 0
+
+
+def test_refuses_other_backbone_and_keeps_finished_file(tmp_path, tiny):
+    recs = make_records(tmp_path, n=6)
+    out = tmp_path / "f.h5"
+    run(recs, out)
+    before = out.stat().st_mtime_ns
+    with pytest.raises(UserError, match="backbone"):
+        run(recs, out, backbone="tiny2")
+    with pytest.raises(UserError, match="dtype"):
+        run(recs, out, dtype="float32")
+    with pytest.raises(UserError, match="split_hashes"):
+        run(recs[:-1] + [Record("other", recs[0].path, "train")], out)
+    assert run(recs, out).computed == 0                                   # finished: nothing recomputed
+    assert out.stat().st_mtime_ns == before
+    assert run(recs, out, backbone="tiny2", force=True).computed == 5     # --force replaces it
+    assert store.read_attrs(out)["backbone"] == "tiny2"
+
+
+def test_bad_images_error_then_skip_bad(tmp_path, tiny):
+    recs = make_records(tmp_path, n=9, bad=(1, 6))
+    out = tmp_path / "f.h5"
+    with pytest.raises(UserError) as e:
+        run(recs, out)
+    msg = str(e.value)
+    assert "2 image(s) could not be read" in msg and "001.jpg" in msg and "006.jpg" in msg and "--skip-bad" in msg
+    done = store.FeatureStore.open(out, require_complete=False).done
+    assert done.sum() == len(done) - 2                                    # the good rows are kept
+    res = run(recs, out, skip_bad=True)
+    assert res.computed == 2 and len(res.bad) == 2
+    st = store.FeatureStore.open(out)
+    bad_rows = np.flatnonzero(st.bad)
+    assert [st.image_ids[r] for r in bad_rows] == ["001.jpg", "006.jpg"]
+    assert not np.isin(bad_rows, np.concatenate([st.rows(s) for s in ("train", "val", "test")])).any()
+    assert np.all(st.load_features(bad_rows) == 0)
+    recs[1].path.unlink()
+    with pytest.raises(UserError, match="missing"):
+        run(recs, tmp_path / "g.h5")
+
+
+def test_encode_images_matches_cache_and_checks_weights(tmp_path, tiny, monkeypatch):
+    recs = make_records(tmp_path, n=5)
+    out = tmp_path / "f.h5"
+    run(recs, out)
+    st = store.FeatureStore.open(out)
+    kept = [r for r in recs if r.split]
+    feats = encode_images([Image.open(r.path) for r in kept], st.attrs, tmp_path)
+    assert feats.dtype == np.float32 and feats.shape == (len(kept), 196, 8)
+    np.testing.assert_array_equal(feats, st.load_features().astype(np.float32))
+    prov = dict(st.attrs, weights_sha256="something-else")
+    with pytest.raises(UserError, match="sha256"):
+        encode_images([Image.open(kept[0].path)], prov, tmp_path)
+    with pytest.raises(UserError, match="preprocessing"):
+        encode_images([Image.open(kept[0].path)], dict(st.attrs, preprocessing={"resize": [1, 1]}), tmp_path)
+
+
+def test_cli_extract_and_info(tmp_path, monkeypatch):
+    """The click layer: a user mistake is one line on stderr and exit 2."""
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    r = CliRunner().invoke(main, ["extract", "--dataset", "nope", "--backbone", "vgg19"])
+    assert r.exit_code == 2 and "unknown dataset" in r.output
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "missing.h5")])
+    assert r.exit_code == 2 and "no such feature file" in r.output

@@ -1,0 +1,152 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.model import Decoder, DecoderConfig, _AttentionScore, count_flops
+
+V, C, L = 23, 12, 196
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = DecoderConfig(**dict(dict(embed_dim=10, hidden_dim=14, attention_dim=9, dropout=0.0), **kw))
+    m = Decoder(cfg, V, C)
+    with torch.no_grad():   # non-trivial biases everywhere, so a wrong slice cannot hide
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def _numpy_step(m, a, y_prev, h, c):
+    """The paper's equations written out in numpy from the named parameter blocks."""
+    cfg = m.cfg
+    A, H = cfg.attention_dim, cfg.hidden_dim
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    Wp, bp = _np(m.h_proj.weight), _np(m.h_proj.bias)
+    W_h, b_h = Wp[:A], bp[:A]                       # attention's W_h
+    w_beta, b_beta = Wp[A], bp[A]                   # f_beta
+    W_hh, b_lstm = Wp[A + 1:], bp[A + 1:]           # LSTM recurrent weights, gates [i, f, o, g]
+    Ey = _np(m.embed.weight)[y_prev]                                   # (B, E)
+    att_a = np.einsum("blc,ac->bla", a, _np(m.att_a.weight)) + _np(m.att_a.bias)
+    e = np.einsum("bla,a->bl", np.tanh(att_a + (h @ W_h.T + b_h)[:, None]), _np(m.att_w.weight)[0])
+    alpha = np.exp(e - e.max(1, keepdims=True))
+    alpha /= alpha.sum(1, keepdims=True)
+    beta = sig(h @ w_beta + b_beta)[:, None]
+    z = beta * np.einsum("bl,blc->bc", alpha, a)
+    gates = Ey @ _np(m.x_proj.weight).T + z @ _np(m.z_proj.weight).T + h @ W_hh.T + b_lstm
+    i, f, o, g = sig(gates[:, :H]), sig(gates[:, H:2 * H]), sig(gates[:, 2 * H:3 * H]), np.tanh(gates[:, 3 * H:])
+    c2 = f * c + i * g
+    h2 = o * np.tanh(c2)
+    W_hz = _np(m.out_hz.weight)
+    deep = Ey + h2 @ W_hz[:, :H].T + z @ W_hz[:, H:].T + _np(m.out_hz.bias)   # E y + L_h h + L_z z
+    if cfg.deep_output_tanh:
+        deep = np.tanh(deep)
+    logits = deep @ _np(m.out.weight).T + _np(m.out.bias)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    return logp, alpha, h2, c2
+
+
+@pytest.mark.parametrize("deep_tanh", [False, True])
+def test_step_matches_numpy_transcription(deep_tanh):
+    m = _model(deep_output_tanh=deep_tanh).double().eval()
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, L, C))
+    y = np.array([1, 5, 7])
+    (h, c), ctx = m.init_state(torch.from_numpy(a))
+    # h0, c0 = tanh(f_init(mean_i a_i))
+    hc = np.tanh(a.mean(1) @ _np(m.init_hc.weight).T + _np(m.init_hc.bias))
+    np.testing.assert_allclose(_np(h), hc[:, :14], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(_np(c), hc[:, 14:], rtol=1e-10, atol=1e-12)
+    h1, c1 = h + 0.3, c - 0.2         # any state, not just the initial one
+    logp, alpha, (h2, c2) = m.step(torch.from_numpy(y), (h1, c1), ctx)
+    ref = _numpy_step(m, a, y, _np(h1), _np(c1))
+    for got, want in zip((logp, alpha, h2, c2), ref):
+        np.testing.assert_allclose(_np(got), want, rtol=1e-9, atol=1e-11)
+
+
+def test_forward_equals_stepwise_and_alpha_sums_to_one():
+    m = _model().eval()
+    feats = torch.randn(4, L, C)
+    tokens = torch.randint(4, V, (4, 7))
+    tokens[:, 0] = 1
+    out = m(feats, tokens)
+    assert out["logits"].shape == (4, 6, V) and out["alphas"].shape == (4, 6, L)
+    torch.testing.assert_close(out["alphas"].sum(-1), torch.ones(4, 6))
+    state, ctx = m.init_state(feats)
+    for t in range(6):
+        logp, alpha, state = m.step(tokens[:, t], state, ctx)
+        torch.testing.assert_close(alpha.sum(1), torch.ones(4))
+        torch.testing.assert_close(logp, torch.log_softmax(out["logits"][:, t], -1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(alpha, out["alphas"][:, t])
+
+
+def test_attention_score_backward_matches_autograd():
+    torch.manual_seed(0)
+    att = torch.randn(2, 5, 3, dtype=torch.double, requires_grad=True)
+    q = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    w = torch.randn(3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_AttentionScore.apply, (att, q, w))
+
+
+def test_reorder_selects_beams():
+    m = _model().eval()
+    state, ctx = m.init_state(torch.randn(3, L, C))
+    idx = torch.tensor([2, 2, 0])
+    s2, c2 = Decoder.reorder(state, ctx, idx)
+    assert torch.equal(s2[0][1], state[0][2]) and torch.equal(c2[1][2], ctx[1][0])
+
+
+def test_hard_attention_trains_without_nan_and_decodes_deterministically():
+    m = _model(attention="hard")
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    feats = torch.randn(6, 49, C)
+    tokens = torch.randint(4, V, (6, 5))
+    tokens[:, 0] = 1
+    for _ in range(10):
+        out = m(feats, tokens)
+        assert out["sampled"].dtype == torch.bool and out["logp_s"].shape == (6, 4)
+        loss, parts = m.loss(out, tokens)
+        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        opt.step()
+    assert m.baseline.item() != 0.0                 # the moving-average baseline is being tracked
+    m.eval()
+    a = m(feats, tokens)["logits"]
+    torch.testing.assert_close(a, m(feats, tokens)["logits"])   # eval: expected context, no sampling
+
+
+def test_loss_decreases_on_structured_data():
+    torch.manual_seed(0)
+    K = 4
+    patterns = torch.randn(K, 49, C)
+    labels = torch.arange(32) % K
+    feats = patterns[labels] + 0.3 * torch.randn(32, 49, C)
+    tokens = torch.stack([torch.tensor([1, 4 + int(k), 8 + int(k), 2]) for k in labels])   # caption = class
+    m = Decoder(DecoderConfig(embed_dim=16, hidden_dim=16, attention_dim=16, dropout=0.0), 12, C)
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    nlls = []
+    for _ in range(40):
+        loss, parts = m.loss(m(feats, tokens), tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        nlls.append(parts["nll"].item())
+    assert nlls[-1] < 0.2 * nlls[0], nlls[::10]
+
+
+def test_config_rejects_unknown_attention():
+    with pytest.raises(UserError, match="attention"):
+        DecoderConfig(attention="spatial")
+
+
+def test_count_flops_grows_with_length():
+    cfg = DecoderConfig()
+    assert count_flops(cfg, 2500, 512, 196, [10]) < count_flops(cfg, 2500, 512, 196, [11])

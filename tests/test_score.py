@@ -1,0 +1,141 @@
+"""Scoring on a tiny HDF5 store with a scripted toy model (no dependency on model.py / train.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline import store as st
+from pipeline.errors import UserError
+from pipeline.records import Record
+from pipeline.score import (ScoreConfig, attention_accuracy, cell_overlap, coco_id, latest_run,
+                            open_checked_store, score_split)
+from pipeline.text import Vocab
+
+PROV = {"backbone": "toy", "weights_sha256": "x", "preprocessing": {"resize": 224}, "input_size": 224,
+        "grid": [14, 14], "dataset": "shapes", "split_hashes": {}}
+VOCAB = Vocab(["a", "red", "circle", "blue", "square", "and"])
+TL, BR = [0, 0, 112, 112], [112, 112, 224, 224]     # top-left / bottom-right quadrants
+
+
+class Scripted(torch.nn.Module):
+    """Emits a fixed caption per image (image index in feats[:, 0, 0]) with attention on one given cell."""
+
+    def __init__(self, scripts):   # scripts: per image list of (word, cell)
+        super().__init__()
+        self.scripts = scripts
+
+    def init_state(self, feats):
+        return (torch.zeros(feats.size(0), dtype=torch.long), feats[:, 0, 0].long()), {"f": feats}
+
+    def step(self, prev, state, ctx):
+        t, idx = state
+        B, V = prev.size(0), len(VOCAB)
+        logits = torch.full((B, V), -10.0)
+        alpha = torch.zeros(B, 196)
+        for b in range(B):
+            script = self.scripts[int(idx[b])]
+            w, cell = script[int(t[b])] if int(t[b]) < len(script) else ("<end>", 0)
+            logits[b, VOCAB.stoi[w]] = 10.0
+            alpha[b, cell] = 1.0
+        return torch.log_softmax(logits, 1), alpha, (t + 1, idx)
+
+
+def make_store(path: Path, caps_test: bool = True) -> st.FeatureStore:
+    recs = [
+        Record("0", Path("0.png"), "val", ["A red circle.", "a red circle", "red circle on a square"],
+               [{"color": "red", "shape": "circle", "box": TL}, {"color": "blue", "shape": "square", "box": BR}]),
+        Record("1", Path("1.png"), "val", ["A blue square and a red circle."],
+               [{"color": "blue", "shape": "square", "box": BR}, {"color": "red", "shape": "circle", "box": TL}]),
+        Record("2", Path("2.png"), "test", ["a blue square"] if caps_test else [],
+               [{"color": "blue", "shape": "square", "box": BR}]),
+    ]
+    st.create(path, recs, PROV, num_regions=196, feature_dim=4, dtype="float32")
+    with h5py.File(path, "r+") as f:
+        x = np.zeros((3, 196, 4), np.float32)
+        x[:, 0, 0] = np.arange(3)
+        f["features"][...] = x
+        f["done"][...] = True
+    return st.FeatureStore.open(path)
+
+
+# cell 0 = top-left corner (inside TL); cell 195 = bottom-right corner (inside BR)
+SCRIPTS = [
+    [("a", 0), ("red", 0), ("circle", 0)],                  # both object words attend inside their box
+    [("a", 0), ("blue", 0), ("square", 195), ("and", 0)],   # "blue" misses, "square" hits
+    [("a", 0), ("red", 0), ("square", 195)],                # "red" names nothing in image 2
+]
+
+
+def test_cell_overlap_and_attention_accuracy():
+    cov = cell_overlap([[0, 0, 24, 16]], (14, 14), (224, 224))
+    assert cov[0, 0] == 1.0 and cov[0, 1] == 0.5 and cov[1, 0] == 0.0 and cov.sum() == pytest.approx(1.5)
+    # union of two boxes
+    assert cell_overlap([TL, BR], (14, 14), (224, 224)).mean() == pytest.approx(0.5)
+    words = [[w for w, _ in s] for s in SCRIPTS]
+    alphas = [np.eye(196)[[c for _, c in s]] for s in SCRIPTS]
+    objs = [[{"color": "red", "shape": "circle", "box": TL}],
+            [{"color": "blue", "shape": "square", "box": BR}],
+            [{"color": "blue", "shape": "square", "box": BR}]]
+    res = attention_accuracy(words, alphas, objs)
+    assert res.words == 5 and res.not_in_image == 1
+    assert res.mass_in_box == pytest.approx(4 / 5) and res.argmax_hit == pytest.approx(4 / 5)
+    assert res.chance_mass == pytest.approx(0.25)
+    assert res.by_kind["color"]["words"] == 2 and res.by_kind["color"]["mass_in_box"] == pytest.approx(0.5)
+    # ambiguous word: two red objects -> union of boxes
+    two_red = [[{"color": "red", "shape": "circle", "box": TL}, {"color": "red", "shape": "star", "box": BR}]]
+    res = attention_accuracy([["red", "circles"]], [np.eye(196)[[195, 0]]], two_red)
+    assert res.ambiguous == 1 and res.mass_in_box == 1.0 and res.chance_mass == pytest.approx(0.375)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer/METEOR need java")
+def test_score_split_end_to_end(tmp_path):
+    store = make_store(tmp_path / "f.h5")
+    scores = score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run",
+                         ScoreConfig(split="val", beam=2, progress=False), log=lambda *a: None)
+    res = json.loads((tmp_path / "run" / "results_val.json").read_text())
+    assert res == [{"image_id": 0, "caption": "a red circle"}, {"image_id": 1, "caption": "a blue square and"}]
+    saved = json.loads((tmp_path / "run" / "scores_val.json").read_text())
+    assert saved["num_scored"] == 2 and saved["split_size"] == 2
+    m = saved["metrics"]
+    assert set(m) >= {"Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert 0.5 < m["Bleu_1"] < 1 and m["CIDEr"] > 0   # image 0 matches a reference exactly after PTB tokenization
+    att = saved["attention"]
+    assert att["words"] == 4 and att["mass_in_box"] == pytest.approx(0.75) and att["chance_mass"] == pytest.approx(0.25)
+    assert scores["metrics"] == m
+
+
+def test_split_without_references(tmp_path):
+    store = make_store(tmp_path / "f.h5", caps_test=False)
+    lines = []
+    scores = score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run",
+                         ScoreConfig(split="test", beam=1, progress=False), log=lines.append)
+    assert scores["num_scored"] == 0 and any("no reference captions" in l for l in lines)
+    assert json.loads((tmp_path / "run" / "results_test.json").read_text()) == \
+        [{"image_id": 2, "caption": "a red square"}]
+    with pytest.raises(UserError, match="has no images"):
+        score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run", ScoreConfig(split="train"))
+
+
+def test_provenance_mismatch_and_latest_run(tmp_path, monkeypatch):
+    path = tmp_path / "f.h5"
+    make_store(path)
+    open_checked_store(path, {"features_provenance": PROV}, tmp_path)
+    with pytest.raises(UserError, match="backbone"):
+        open_checked_store(path, {"features_provenance": dict(PROV, backbone="resnet")}, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no trained run"):
+        latest_run()
+    for i, name in enumerate(["b", "a"]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "best.pt").write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / "best.pt", (time.time() + i, time.time() + i))
+    assert latest_run().name == "a"
+    assert coco_id("123") == 123 and coco_id("x.jpg") == "x.jpg"
