@@ -75,6 +75,8 @@ def main(argv=None):
     ap.add_argument("--model-cache", default="bench_out/bench_decode_model.pt",
                     help="the tiny trained model is kept here and reused ('' = always retrain)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+                    help="decoding processes, 1 thread each when > 1 (default, like `pipeline score`: one per core, <= 4)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write results JSON here")
     a = ap.parse_args(argv)
@@ -120,7 +122,7 @@ def main(argv=None):
     for k in [int(b) for b in a.beams.split(",")]:
         t0 = time.time()
         hyps = decode_features(model, feats, beam=k, max_len=a.max_len, length_norm=a.length_norm,
-                               batch_size=a.batch_size, device=a.device, progress=False)
+                               batch_size=a.batch_size, device=a.device, workers=a.workers, progress=False)
         dt = time.time() - t0
         r = {"beam": k, "images": len(feats), "seconds": round(dt, 2), "images_per_s": round(len(feats) / dt, 1),
              "mean_len": round(float(np.mean([len(h.tokens) for h in hyps])), 2),
@@ -130,6 +132,7 @@ def main(argv=None):
               f"{r['mean_len']}, {100 * r['ended']:.0f}% ended; batch {a.batch_size}, load {os.getloadavg()[0]:.1f})")
     if a.out:
         Path(a.out).write_text(json.dumps({"features": src, "batch_size": a.batch_size, "threads": torch.get_num_threads(),
+                                           "workers": a.workers, "load": os.getloadavg()[0],
                                            "results": results}, indent=1))
 
 

@@ -10,7 +10,8 @@ like train.py does. Batches come from the bucket sampler over Flickr8k caption l
 lengths and the smaller tail batches of rare lengths are as in training. FLOPs count only the
 matmuls of forward + backward (pipeline.model.count_flops). The GEMM reference is a 2048^3 fp32
 matmul timed in the same process before and after; the load average is printed because other
-processes on the machine change both numbers.
+processes on the machine change both numbers (captions per CPU-second of this process is printed
+too: with --threads 1 it is what one core gives when it is not time-shared).
 """
 from __future__ import annotations
 
@@ -108,11 +109,11 @@ def main():
         step(b)
     _sync(device)
     timed = batches[args.warmup:]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for b in timed:
         step(b)
     _sync(device)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, time.process_time() - c
     gemm_after = gemm_gflops(device)
 
     caps = sum(len(b) for b in timed)
@@ -122,6 +123,8 @@ def main():
     res = {"device": str(device), "threads": torch.get_num_threads(), "attention": args.attention,
            "steps": len(timed), "captions": caps, "seconds": round(dt, 3),
            "captions_per_s": round(caps / dt, 1), "words_per_s": round(words / dt, 1),
+           # CPU seconds of this process: less sensitive to time-sharing with other processes
+           "cpu_s": round(cpu, 3), "captions_per_cpu_s": round(caps / cpu, 1),
            "matmul_gflop_per_s": round(flops / dt / 1e9, 1), "gemm_gflop_per_s": round(gemm, 1),
            "gemm_before_after": [round(gemm_before, 1), round(gemm_after, 1)],
            "ratio_to_gemm": round(flops / dt / 1e9 / gemm, 3),
@@ -131,7 +134,7 @@ def main():
           f"{res['matmul_gflop_per_s']} GFLOP/s matmul = {res['ratio_to_gemm']:.2f} x fp32 GEMM "
           f"({res['gemm_gflop_per_s']} GFLOP/s; before/after {res['gemm_before_after']}), "
           f"{res['steps']} steps of batch <= {args.batch_size}, {device}, {res['threads']} threads, "
-          f"load average {res['loadavg']}")
+          f"load average {res['loadavg']}; {res['captions_per_cpu_s']} captions per CPU-second")
     print(json.dumps(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -145,25 +145,27 @@ def info(file):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="Reader workers when features do not fit in RAM.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads [default: one per core]; 1 per run when several runs share the cores.")
 @click.option("--embed-dim", type=int, default=512, show_default=True)
 @click.option("--hidden-dim", type=int, default=512, show_default=True)
 @click.option("--attention-dim", type=int, default=512, show_default=True)
 @click.option("--dropout", type=float, default=0.5, show_default=True)
 @click.option("--alpha-c", type=float, default=1.0, show_default=True, help="Doubly stochastic penalty weight (0: off).")
 def train_cmd(features, attention, run_dir, resume, epochs, batch_size, optimizer, lr, grad_clip, beam, patience,
-              max_minutes, max_len, min_count, device, seed, workers, embed_dim, hidden_dim, attention_dim,
-              dropout, alpha_c):
+              max_minutes, max_len, min_count, device, seed, workers, threads, embed_dim, hidden_dim,
+              attention_dim, dropout, alpha_c):
     """Train a soft/hard attention decoder on a feature cache; val BLEU-4 selects best.pt.
 
     With --resume, the run's saved settings are used; only --features, --epochs, --patience,
-    --max-minutes and --device (when given) change them. --resume on a run with no checkpoint yet
+    --max-minutes, --device and --threads (when given) change them. --resume on a run with no checkpoint yet
     starts it, so one command both starts and continues a long run.
     """
     from .model import DecoderConfig
     from .train import TrainConfig, train
 
     run_dir = run_dir or Path("runs") / f"{Path(features).stem}_{attention}"
-    given = {"epochs": epochs, "patience": patience, "max_minutes": max_minutes, "device": device}
+    given = {"epochs": epochs, "patience": patience, "max_minutes": max_minutes, "device": device, "threads": threads}
     given = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig(features=str(features), batch_size=batch_size, optimizer=optimizer, lr=lr,
                       grad_clip=grad_clip, beam=beam, max_len=max_len, min_count=min_count, seed=seed,
@@ -187,11 +189,16 @@ def train_cmd(features, attention, run_dir, resume, epochs, batch_size, optimize
 @click.option("--length-norm", type=float, default=None,
               help="Rank finished beams by logprob / length**X (e.g. 0.7) [default: raw logprob].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def score(split, run_dir, beam, features, batch_size, max_len, length_norm, device):
+@click.option("--workers", type=click.IntRange(0), default=0,
+              help="CPU decoding processes, one thread each [default: one per CPU core, at most 4].")
+def score(split, run_dir, beam, features, batch_size, max_len, length_norm, device, workers):
     """Decode every image of a split once, write results_<split>.json, score (BLEU, METEOR, ROUGE-L, CIDEr)."""
+    import os
+
     from .score import ScoreConfig, run_score
     cfg = ScoreConfig(split=split, beam=beam, max_len=max_len, length_norm=length_norm,
-                      batch_size=batch_size, device=_device(device))
+                      batch_size=batch_size, device=_device(device),
+                      workers=workers or min(os.cpu_count() or 1, 4))
     run_score(run_dir, cfg, features, log=click.echo)
 
 

@@ -164,7 +164,7 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
             if n_done == n:
                 break
             # Dropping rows copies all of ctx (memory-bound, about half a step), so finished images
-            # keep riding along (their results are already stored) until they are COMPACT_FRACTION.
+            # keep riding along (results already stored) until they make up COMPACT_FRACTION of it.
             if n_done >= COMPACT_FRACTION * n:
                 keep = (~collected).nonzero().view(-1)                  # (n',) images still going
                 keep_rows = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)
@@ -220,19 +220,48 @@ def _collect(results, images, done, scores, tokens, alphas, lengths, ended, K, l
 
 
 # -- whole splits ---------------------------------------------------------------------------------
+_JOB: dict = {}   # what forked workers decode (set just before the fork, inherited copy-on-write)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _decode_batch(start: int) -> list[Hypothesis]:
+    j = _JOB
+    x = torch.as_tensor(np.asarray(j["features"][start:start + j["batch_size"]]), dtype=torch.float32)  # (b,L,C)
+    return beam_search(j["model"], x.to(j["device"]), **j["kw"])
+
+
 def decode_features(model, features: np.ndarray | Sequence, *, beam: int = 3, max_len: int = 20,
                     length_norm: float | None = None, batch_size: int = 100, device: str | torch.device = "cpu",
-                    progress: bool = True, desc: str = "decode") -> list[Hypothesis]:
+                    workers: int = 1, progress: bool = True, desc: str = "decode") -> list[Hypothesis]:
     """Decode every row of `features` (N,L,C) (array, or anything sliceable into arrays) in batches.
 
-    beam == 1 uses beam_search too (identical to greedy, same return type).
+    beam == 1 uses beam_search too (identical to greedy, same return type). On CPU, `workers` > 1
+    forks that many single-threaded processes that decode whole batches each: a decoding step is
+    many small ops, and one process per core beats intra-op threads on them (2.4x on 2 shared
+    cores, see benchmarks/bench_decode.py). Results are identical either way.
     """
-    out: list[Hypothesis] = []
     N = len(features)
+    starts = list(range(0, N, batch_size))
+    _JOB.update(model=model, features=features, batch_size=batch_size, device=device,
+                kw=dict(beam=beam, max_len=max_len, length_norm=length_norm))
+    out: list[Hypothesis] = []
     bar = tqdm(total=N, desc=desc, unit="img", disable=not progress, leave=False)
-    for i in range(0, N, batch_size):
-        x = torch.as_tensor(np.asarray(features[i:i + batch_size]), dtype=torch.float32).to(device)  # (b,L,C)
-        out.extend(beam_search(model, x, beam=beam, max_len=max_len, length_norm=length_norm))
-        bar.update(x.size(0))
-    bar.close()
+    try:
+        if workers > 1 and str(device) == "cpu" and len(starts) > 1:
+            import multiprocessing as mp
+            with mp.get_context("fork").Pool(min(workers, len(starts)), _worker_init, (1,)) as pool:
+                for hyps in pool.imap(_decode_batch, starts):
+                    out.extend(hyps)
+                    bar.update(len(hyps))
+        else:
+            for s in starts:
+                hyps = _decode_batch(s)
+                out.extend(hyps)
+                bar.update(len(hyps))
+    finally:
+        _JOB.clear()
+        bar.close()
     return out

@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from .decode import Hypothesis, decode_features
 from .errors import UserError
@@ -41,6 +39,7 @@ class ScoreConfig:
     length_norm: float | None = None
     batch_size: int = 100
     device: str = "cpu"
+    workers: int = 1            # CPU decoding processes (decode.decode_features)
     progress: bool = True
 
 
@@ -218,13 +217,13 @@ def object_words(objects_per_image) -> tuple[set[str], set[str], dict[str, str]]
     return colors, shapes, plurals
 
 
-def cell_overlap(boxes, grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+def cell_overlap(boxes, grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
     """(gh, gw) fraction of each attention cell's area covered by the union of `boxes` (pixels).
 
-    The input (H, W) is cut into gh x gw equal cells (16x16 px for 224 / 14); the union is rasterised
+    The image (H, W) is cut into gh x gw equal cells (16x16 px for 224 / 14); the union is rasterised
     at pixel resolution (a pixel is inside when its centre is), then averaged per cell.
     """
-    H, W = input_size
+    H, W = image_size
     gh, gw = grid
     mask = np.zeros((H, W), np.float32)
     cy, cx = np.arange(H) + 0.5, np.arange(W) + 0.5
@@ -247,7 +246,7 @@ class AttentionStats:
     by_kind: dict = field(default_factory=dict)   # "color"/"shape" -> {words, mass_in_box, chance_mass}
 
 
-def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14), input_size=(224, 224),
+def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14), image_size=(224, 224),
                        words: tuple[set[str], set[str], dict[str, str]] | None = None) -> AttentionStats:
     """Attention accuracy of generated object words.
 
@@ -273,7 +272,7 @@ def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14), i
                 st.not_in_image += 1
                 continue
             st.ambiguous += len(named) > 1
-            cover = cell_overlap([o["box"] for o in named], grid, input_size).reshape(-1)   # (L,)
+            cover = cell_overlap([o["box"] for o in named], grid, image_size).reshape(-1)   # (L,)
             a = alphas[t].reshape(-1)                                                    # (L,)
             a = a / max(a.sum(), 1e-12)
             inside = cover >= 0.5
@@ -307,9 +306,14 @@ def format_attention(st: AttentionStats) -> str:
 
 
 def _grid_and_size(store: FeatureStore) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Attention grid, and the pixel frame of the boxes: the synthetic image (224x224). Backbones
+    squash-resize the whole image to their input (224 or 448), so the grid maps onto it proportionally."""
     g = store.attrs.get("grid") or [14, 14]
-    s = store.attrs.get("input_size") or 224
-    size = (int(s), int(s)) if np.isscalar(s) else (int(s[0]), int(s[-1]))
+    try:
+        from .synth import IMAGE_SIZE
+        size = (int(IMAGE_SIZE), int(IMAGE_SIZE))
+    except ImportError:
+        size = (224, 224)
     return (int(g[0]), int(g[1])), size
 
 
@@ -328,7 +332,8 @@ def score_split(model, vocab: Vocab, store: FeatureStore, out_dir: Path, cfg: Sc
     feats = _RowFeatures(store, rows)
     hyps: list[Hypothesis] = decode_features(model, feats, beam=cfg.beam, max_len=cfg.max_len,
                                              length_norm=cfg.length_norm, batch_size=cfg.batch_size,
-                                             device=cfg.device, progress=cfg.progress, desc=f"decode {split}")
+                                             device=cfg.device, workers=cfg.workers, progress=cfg.progress,
+                                             desc=f"decode {split}")
     decode_s = time.time() - t0
     captions = [vocab.decode(h.tokens) for h in hyps]
     image_ids = [store.image_ids[r] for r in rows]
@@ -363,7 +368,7 @@ def score_split(model, vocab: Vocab, store: FeatureStore, out_dir: Path, cfg: Sc
         grid, size = _grid_and_size(store)
         words = [[vocab.itos[i] for i in h.tokens] for h in hyps]
         st = attention_accuracy(words, [h.alphas.numpy() for h in hyps], [store.objects[r] for r in rows],
-                                grid=grid, input_size=size)
+                                grid=grid, image_size=size)
         scores["attention"] = asdict(st)
         log(format_attention(st))
 

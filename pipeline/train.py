@@ -52,6 +52,8 @@ class TrainConfig:
     min_count: int = 5            # vocabulary: words seen fewer times in train captions -> <unk>
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda
+    threads: int = 0              # CPU threads for torch (0: torch's default, one per core). Use 1 per
+                                  # run when several runs share the cores: oversubscribed threads spin-wait
     max_minutes: float = 0.0      # > 0: checkpoint and stop cleanly after this much training time
     max_steps: int = 0            # > 0: stop (checkpointed) after this many optimizer steps in total
     in_ram: str = "auto"          # auto | yes | no: load all features into RAM, or read rows lazily
@@ -289,6 +291,8 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
             raise UserError(f"{st.path}: features are {st.num_regions}x{st.feature_dim}, the run {run_dir} "
                             f"was trained on {ckpt['num_regions']}x{ckpt['feature_dim']}.")
     device = _device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     t_setup = time.time()
 
     # Vocabulary from the training captions only; captions -> <start> w.. <end> ids.

@@ -110,8 +110,12 @@ def test_batched_equals_one_by_one_and_length_norm():
             assert batch[i].tokens == single.tokens
             assert batch[i].score == pytest.approx(single.score, abs=1e-5)
     # decode_features = beam_search over batches
-    chunked = decode_features(model, feats.numpy(), beam=4, max_len=10, batch_size=3, progress=False)
-    assert [h.tokens for h in chunked] == [h.tokens for h in beam_search(model, feats, beam=4, max_len=10)]
+    whole = beam_search(model, feats, beam=4, max_len=10)
+    for workers in (1, 2):   # 2: forked single-threaded processes
+        chunked = decode_features(model, feats.numpy(), beam=4, max_len=10, batch_size=3, workers=workers,
+                                  progress=False)
+        assert [h.tokens for h in chunked] == [h.tokens for h in whole]
+        assert all(torch.allclose(a.alphas, b.alphas) for a, b in zip(chunked, whole))
 
 
 def test_large_beam_is_exhaustive():

@@ -15,8 +15,7 @@ import pipeline.score as score_mod
 from pipeline.caption import attention_paths, words_and_maps
 from pipeline.cli import main
 from pipeline.decode import Hypothesis
-from pipeline.report import make_report
-from pipeline.viz import attention_figure, plot_curves, upsample_alpha
+from pipeline.viz import attention_figure, upsample_alpha
 
 from test_score import PROV, SCRIPTS, VOCAB, Scripted, make_store
 
