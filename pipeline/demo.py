@@ -35,7 +35,7 @@ def run_demo(out: Path, *, train: int, val: int, test: int, minutes: float, weig
           "--max-minutes", str(minutes), "--resume"])
     for split in ("val", "test"):
         _run(["score", "--run", str(run), "--split", split, "--beam", "3"])
-    images = sorted((data / "images").glob("*.jpg"))[-2:]
+    images = sorted((data / "images").glob("test_*.jpg"))[:2]
     _run(["caption", *map(str, images), "--run", str(run), "--attention", str(out / "attention.png")])
     click.secho(f"demo finished in {(time.time() - t0) / 60:.1f} min; attention maps: {out}/attention*.png",
                 fg="green")

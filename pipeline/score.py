@@ -94,8 +94,8 @@ def features_of_run(ckpt: dict, run_dir: Path, override: str | Path | None) -> P
 
 
 def run_provenance(ckpt: dict) -> dict | None:
-    """Provenance of the features a run was trained on (design note: "features_provenance"; train.py: "provenance")."""
-    return ckpt.get("features_provenance") or ckpt.get("provenance")
+    """Provenance of the features a run was trained on."""
+    return ckpt.get("provenance")
 
 
 def open_checked_store(path: Path, ckpt: dict, run_dir: Path) -> FeatureStore:
