@@ -127,9 +127,9 @@ def test_split_without_references(tmp_path):
 def test_provenance_mismatch_and_latest_run(tmp_path, monkeypatch):
     path = tmp_path / "f.h5"
     make_store(path)
-    open_checked_store(path, {"features_provenance": PROV}, tmp_path)
+    open_checked_store(path, {"provenance": PROV}, tmp_path)
     with pytest.raises(UserError, match="backbone"):
-        open_checked_store(path, {"features_provenance": dict(PROV, backbone="resnet")}, tmp_path)
+        open_checked_store(path, {"provenance": dict(PROV, backbone="resnet")}, tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no trained run"):
         latest_run()

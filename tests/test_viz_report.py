@@ -85,7 +85,7 @@ def _patch_run(monkeypatch, tmp_path):
     run = tmp_path / "runs" / "toy"
     run.mkdir(parents=True)
     (run / "best.pt").write_bytes(b"")
-    ckpt = {"features_path": str(path), "features_provenance": PROV, "epoch": 1}
+    ckpt = {"features_path": str(path), "provenance": PROV, "epoch": 1}
     fake = lambda run_dir, device="cpu": (Scripted(SCRIPTS), VOCAB, ckpt)
     monkeypatch.setattr(score_mod, "load_model", fake)
     monkeypatch.setattr(caption_mod, "load_model", fake)
