@@ -7,6 +7,9 @@ Both work on whole batches of images at once and on any device. They only rely o
     logprobs (B,V), alpha (B,L), state = model.step(prev (B,), state, ctx)
 
 and are generic over the structure of `state` / `ctx` (tensors, tuples, lists, dicts of them).
+A model whose class sets `ctx_per_image = True` (model.Decoder) also accepts ctx with one row per
+image while state has K rows per image (beam search's B*K hypotheses): beam search then never
+copies ctx K times (a K-fold copy of the 2 x 100 x 196 x 512 floats of a batch costs about two steps).
 
 Conventions of the returned hypotheses:
   * `tokens` never holds <start>; it ends with <end> when the hypothesis ended, and has no <end>
@@ -135,9 +138,13 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
             scores = torch.cat([scores, scores.new_full((B, extra), -math.inf)], 1)
             word = torch.cat([word, word.new_full((B, extra), pad_id)], 1)
         rep = torch.arange(B, device=dev).repeat_interleave(K)          # (B*K,) image of each row
-        # ctx is per image, hence the same for all beams of an image: expanded once here and only
-        # re-selected when finished images leave the batch, never reordered per step.
-        state, ctx = select_rows(state, rep, B), select_rows(ctx, rep, B)
+        # ctx is per image, hence the same for all beams of an image: never reordered per step, only
+        # re-selected when finished images leave the batch. Models that take it per image
+        # (ctx_per_image) keep one row per image; for the others it is expanded to B*K rows once here.
+        per_image = bool(getattr(model, "ctx_per_image", False))
+        state = select_rows(state, rep, B)
+        if not per_image:
+            ctx = select_rows(ctx, rep, B)
         prev = word.view(-1)                                            # (B*K,)
         tokens = prev[:, None].clone()                                  # (n*K, t)
         alphas = alpha.float().index_select(0, rep)[:, None]            # (n*K, t, L)
@@ -169,7 +176,7 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
                 keep = (~collected).nonzero().view(-1)                  # (n',) images still going
                 keep_rows = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)
                 state = select_rows(state, keep_rows, n * K)
-                ctx = select_rows(ctx, keep_rows, n * K)
+                ctx = select_rows(ctx, keep, n) if per_image else select_rows(ctx, keep_rows, n * K)
                 scores = scores.index_select(0, keep)
                 tokens, alphas = tokens.index_select(0, keep_rows), alphas.index_select(0, keep_rows)
                 ended, lengths = ended.index_select(0, keep_rows), lengths.index_select(0, keep_rows)

@@ -98,13 +98,51 @@ class _AttentionScore(torch.autograd.Function):
         return dpre, dpre.sum(1), dw
 
 
+INFER_CHUNK = 4   # rows per chunk of the no-grad CPU attention score (see _attention_score_nograd)
+
+
+def _attention_score_nograd(att_a, q, w, groups: int = 1, chunk: int = INFER_CHUNK):
+    """e = w^T tanh(att_a + q) without autograd, in row chunks: decoding's fast path on CPU.
+
+    att_a (B, L, A) and q (B * groups, A): row r of q goes with att_a[r // groups] (beam search keeps
+    one att_a per image for its `groups` beams). Same values as _AttentionScore.forward, but the
+    (rows, L, A) tanh buffer is (chunk, L, A) (1.6 MB at L=196, A=512, fp32), so it stays in cache:
+    at decoding sizes (300 x 196 x 512 = 120 MB) the whole-batch version is memory-bound, ~3x slower
+    on CPU. Returns (B * groups, L).
+    """
+    B, L, A = att_a.shape
+    rows = q.size(0)
+    e = att_a.new_empty(rows, L)
+    if groups == 1:
+        buf = att_a.new_empty(min(chunk, rows), L, A)
+        for i in range(0, rows, chunk):
+            j = min(i + chunk, rows)
+            t = torch.add(att_a[i:j], q[i:j, None], out=buf[:j - i]).tanh_()
+            torch.mv(t.view(-1, A), w, out=e[i:j].view(-1))
+    else:   # one image at a time: its att_a (400 KB) is read from memory once for all its beams
+        n = min(chunk, groups)
+        buf = att_a.new_empty(n, L, A)
+        for b in range(B):
+            for i in range(b * groups, (b + 1) * groups, n):
+                j = min(i + n, (b + 1) * groups)
+                t = torch.add(att_a[b], q[i:j, None], out=buf[:j - i]).tanh_()
+                torch.mv(t.view(-1, A), w, out=e[i:j].view(-1))
+    return e
+
+
 class Decoder(nn.Module):
     """Attention LSTM decoder. Contract (docs/design.md): forward / init_state / step.
 
     state = (h, c), each (B, H).  ctx = (a, att_a): a (B, L, C) annotation vectors (float32/bf16)
     and att_a = W_a a_i + b (B, L, A), computed once per image. Every tensor has batch on dim 0,
     so beam search reorders with index_select(0, idx) (see `reorder`).
+
+    `step` also accepts ctx with one row per image for state rows grouped by image (ctx_per_image):
+    with state (B*K, H) and ctx rows B, state row r attends over ctx row r // K. Beam search uses
+    that (decode.beam_search), so the K beams of an image share one copy of its ctx.
     """
+
+    ctx_per_image = True
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int, feature_dim: int):
         super().__init__()
@@ -193,15 +231,27 @@ class Decoder(nn.Module):
         """Attention + gate + LSTM update. x_gate (B, 4H) = W_x E y_{t-1}; sampled (B,) bool or None."""
         cfg, (h, c), (a, att_a) = self.cfg, state, ctx
         A, H = cfg.attention_dim, cfg.hidden_dim
+        G = h.size(0) // a.size(0)              # beams per ctx row: 1, or K when beams share ctx (step)
+        Bc, L = a.size(0), a.size(1)
+        if G * Bc != h.size(0):
+            raise ValueError(f"state has {h.size(0)} rows, not a multiple of ctx's {Bc}")
         hp = self.h_proj(h)                                             # (B, A+1+4H)
-        if torch.is_autocast_enabled(att_a.device.type):   # bf16: leave it to autograd (custom op: fp32/64)
+        autocast = torch.is_autocast_enabled(att_a.device.type)
+        if not torch.is_grad_enabled() and att_a.device.type == "cpu" and not autocast:
+            # decoding on CPU: chunked, cache-sized (same values; the autograd paths below are for training)
+            e = _attention_score_nograd(att_a, hp[:, :A], self.att_w.weight[0], G)   # (B, L)
+        elif G > 1:                             # shared ctx elsewhere (GPU, bf16): broadcast, no copy
+            e = self.att_w(torch.tanh(att_a[:, None] + hp[:, :A].view(Bc, G, 1, A))).view(Bc * G, L)
+        elif autocast:   # bf16: leave it to autograd (custom op: fp32/64)
             e = self.att_w(torch.tanh(att_a + hp[:, None, :A])).squeeze(2)   # (B, L)
         else:
             e = _AttentionScore.apply(att_a, hp[:, :A], self.att_w.weight[0])  # (B, L)
         alpha = torch.softmax(_f32(e), 1)                             # (B, L), fp32 under autocast
-        z = torch.bmm(alpha.to(a.dtype)[:, None], a).squeeze(1)         # (B, C): expected context
+        # (B, C) expected context; with shared ctx one (G x L) @ (L x C) matmul per image
+        z = torch.bmm(alpha.to(a.dtype).view(Bc, G, L), a).view(Bc * G, -1)
         extra = None
         if sampled is not None:
+            assert G == 1, "hard attention samples per caption: ctx must have one row per caption"
             # Gumbel-max draw of s_t ~ alpha_t (no host sync on GPU), then a_{s_t}.
             logalpha = torch.log_softmax(_f32(e), 1)                   # (B, L)
             gumbel = -torch.log(-torch.log(torch.rand_like(logalpha).clamp_min_(1e-20)))

@@ -159,3 +159,26 @@ def test_real_decoder():
     hyps3 = beam_search(model, feats, beam=3, max_len=8, length_norm=0.7)
     assert len(hyps3) == 5 and all(h.alphas.shape == (len(h.tokens), 196) for h in hyps3)
     assert torch.allclose(hyps3[0].alphas.sum(1), torch.ones(len(hyps3[0].tokens)), atol=1e-4)
+
+
+def test_real_decoder_ctx_per_image_equals_expanded_ctx():
+    """model.Decoder takes ctx per image (ctx_per_image); beam search gives the same as with K copies."""
+    model_mod = pytest.importorskip("pipeline.model")
+    torch.manual_seed(0)
+    model = model_mod.Decoder(model_mod.DecoderConfig(embed_dim=16, hidden_dim=16, attention_dim=16),
+                              vocab_size=30, feature_dim=16)
+    assert model.ctx_per_image
+    with torch.no_grad():   # some images end early (and leave the batch: ctx is re-selected), some never
+        model.out.bias[END] += 0.3
+    feats = torch.randn(9, 196, 16)
+    for kw in (dict(beam=3, max_len=8), dict(beam=4, max_len=6, length_norm=0.7)):
+        got = beam_search(model, feats, **kw)
+        model.ctx_per_image = False          # instance attribute: the generic, expanded-ctx path
+        try:
+            want = beam_search(model, feats, **kw)
+        finally:
+            del model.ctx_per_image
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        for g, w in zip(got, want):
+            assert g.score == pytest.approx(w.score, abs=1e-4)
+            torch.testing.assert_close(g.alphas, w.alphas, rtol=1e-4, atol=1e-5)

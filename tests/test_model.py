@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model import Decoder, DecoderConfig, _AttentionScore, count_flops
+from pipeline.model import (Decoder, DecoderConfig, _AttentionScore, _attention_score_nograd,
+                            count_flops)
 
 V, C, L = 23, 12, 196
 
@@ -92,6 +93,36 @@ def test_attention_score_backward_matches_autograd():
     q = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
     w = torch.randn(3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(_AttentionScore.apply, (att, q, w))
+
+
+@pytest.mark.parametrize("rows,chunk,groups", [(7, 4, 1), (8, 4, 1), (3, 8, 1), (1, 1, 1),
+                                              (6, 4, 3), (10, 2, 5), (12, 8, 3)])
+def test_chunked_attention_score_equals_unchunked(rows, chunk, groups):
+    torch.manual_seed(0)
+    att = torch.randn(rows // groups, L, 9)
+    q, w = torch.randn(rows, 9), torch.randn(9)
+    want = _AttentionScore.apply(att.repeat_interleave(groups, 0), q, w)      # (rows, L), whole batch
+    got = _attention_score_nograd(att, q, w, groups, chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_step_with_ctx_per_image_equals_expanded(grad):
+    """Beam search's layout (state B*K rows, ctx B rows) == expanded ctx; no-grad (chunked) == autograd path."""
+    m = _model().eval()
+    K = 3
+    state, ctx = m.init_state(torch.randn(4, L, C))
+    rep = torch.arange(4).repeat_interleave(K)
+    state = tuple(s.index_select(0, rep) + 0.1 * torch.randn(4 * K, s.size(1)) for s in state)
+    prev = torch.randint(0, V, (4 * K,))
+    with torch.no_grad():
+        want = m.step(prev, state, tuple(t.index_select(0, rep) for t in ctx))
+    with torch.set_grad_enabled(grad):
+        got = m.step(prev, state, ctx)
+        full = m.step(prev, state, tuple(t.index_select(0, rep) for t in ctx))
+    for g, f, w in zip((got[0], got[1], *got[2]), (full[0], full[1], *full[2]), (want[0], want[1], *want[2])):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(f, w, rtol=1e-5, atol=1e-6)
 
 
 def test_reorder_selects_beams():
