@@ -101,16 +101,31 @@ def weights(weights_dir):
 @click.option("--force", is_flag=True, help="Overwrite an existing (even finished) file.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in /bad instead of failing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_size, workers, force, skip_bad, device):
+@click.option("--merge", type=click.Choice(["vds", "copy"]), default="vds", show_default=True,
+              help="Under torchrun: OUT is a virtual dataset over the per-rank shards OUT.rank<r>-of<W>.h5 "
+                   "(vds), or a standalone copy (copy).")
+def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_size, workers, force, skip_bad, device,
+            merge):
     """Run a frozen backbone over every image once into an HDF5 cache (resumable)."""
     from . import datasets
     from .extract import extract as run_extract
     out = out or Path("features") / f"{dataset}_{backbone}.h5"
     root = Path(root).expanduser().resolve() if root else datasets.default_root(dataset)
     records = datasets.load_records(dataset, root)
-    res = run_extract(records, out, dataset=dataset, backbone=backbone, weights=weights_,
-                      weights_dir=weights_dir, dtype=dtype, batch_size=batch_size, workers=workers,
-                      force=force, skip_bad=skip_bad, device=device, dataset_root=root)
+    kw = dict(dataset=dataset, backbone=backbone, weights=weights_, weights_dir=weights_dir, dtype=dtype,
+              batch_size=batch_size, workers=workers, force=force, skip_bad=skip_bad, device=device,
+              dataset_root=root)
+    from . import distributed
+    if distributed.env_world_size() > 1:   # torchrun: one shard per process (docs/distributed.md)
+        main_rank = distributed.init_from_env(distributed.backend_for(device)).is_main
+        try:
+            res = distributed.extract_distributed(records, out, merge=merge, echo=click.echo, **kw)
+        finally:
+            distributed.cleanup()
+        if not main_rank:
+            return
+    else:
+        res = run_extract(records, out, **kw)
     if res.computed == 0 and not res.bad:
         click.echo(f"{out}: already complete ({res.total} images); nothing to do (--force re-extracts).")
     else:

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import distributed as dist_mod
 from . import store as store_mod
 from .batching import BucketBatchSampler, select_lengths
 from .errors import UserError
@@ -134,13 +135,13 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
 
 
 # -- data -------------------------------------------------------------------------------------------
-def _fits_in_ram(st: store_mod.FeatureStore) -> bool:
+def _fits_in_ram(st: store_mod.FeatureStore, procs: int = 1) -> bool:
     nbytes = st.num_images * st.num_regions * st.feature_dim * (2 if st.attrs.get("dtype") == "float16" else 4)
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return True
-    return nbytes < 0.5 * avail
+    return nbytes * procs < 0.5 * avail   # procs: processes of this node, each with its own copy
 
 
 class _Features:
@@ -291,6 +292,11 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
             raise UserError(f"{st.path}: features are {st.num_regions}x{st.feature_dim}, the run {run_dir} "
                             f"was trained on {ckpt['num_regions']}x{ckpt['feature_dim']}.")
     device = _device(cfg.device)
+    dinfo = dist_mod.init_from_env(dist_mod.backend_for(device))   # WORLD_SIZE > 1: DDP
+    if dinfo.distributed and device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
+    if not dinfo.is_main:
+        echo = lambda *_: None   # noqa: E731 - only rank 0 logs
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t_setup = time.time()
@@ -307,8 +313,12 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
     keep, dropped = select_lengths([len(t) - 2 for t in tokens], cfg.max_len)
     rows = np.asarray(train_rows)[keep]
     tokens = [t for t, k in zip(tokens, keep) if k]
-    sampler = BucketBatchSampler([len(t) - 2 for t in tokens], cfg.batch_size, seed=cfg.seed)
-    in_ram = cfg.in_ram == "yes" or (cfg.in_ram == "auto" and _fits_in_ram(st))
+    if dinfo.distributed:   # batch_size stays the global batch: the same steps for any world size
+        sampler = dist_mod.DistributedBucketSampler([len(t) - 2 for t in tokens], cfg.batch_size,
+                                                    seed=cfg.seed, rank=dinfo.rank, world_size=dinfo.world_size)
+    else:
+        sampler = BucketBatchSampler([len(t) - 2 for t in tokens], cfg.batch_size, seed=cfg.seed)
+    in_ram = cfg.in_ram == "yes" or (cfg.in_ram == "auto" and _fits_in_ram(st, dinfo.local_world_size))
 
     feats = _Features(st, in_ram, device)
     torch.manual_seed(cfg.seed)    # the model's initial weights depend on the seed only
@@ -335,6 +345,7 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
         epoch = pos = step = bad_epochs = best_epoch = 0
         best, history = -1.0, []
         acc = _new_acc()
+    if ckpt is None and dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         vocab.save(run_dir / "vocab.json")
         (run_dir / "config.json").write_text(json.dumps(
@@ -347,6 +358,8 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
              f"features {'in RAM' if in_ram else 'read lazily'}, device {device}")
 
     def checkpoint(finished: bool, is_best: bool = False) -> None:
+        if not dinfo.is_main:   # one copy of the (identical) state; no per-rank state is saved
+            return
         d = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "rng": _rng_state(device), "epoch": epoch, "batch_in_epoch": pos, "step": step,
              "best_score": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
@@ -365,9 +378,11 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
     t0, stop_reason = time.time(), None
     if bad_epochs >= cfg.patience:
         stop_reason = "early-stopped"
+    net = dist_mod.wrap_ddp(model, device)   # DDP averages gradients over ranks; model stays the module
+    dist_mod.seed_rank(cfg.seed, step)
     model.train()
     while epoch < cfg.epochs and stop_reason is None:
-        batches = sampler.batches(epoch)
+        batches, step_w, n_caps = dist_mod.epoch_plan(sampler, epoch)
         data = _EpochBatches(batches[pos:], rows, tokens, feats)
         loader = (data[k] for k in range(len(data))) if in_ram or cfg.num_workers == 0 else torch.utils.data.DataLoader(
             data, batch_size=None, shuffle=False, num_workers=cfg.num_workers, pin_memory=use_amp)
@@ -377,17 +392,18 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
             x = x.to(device, torch.float32, non_blocking=True)   # (B, L, C)
             y = y.to(device, non_blocking=True)                  # (B, T+1), one length per batch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(x, y)
+                out = net(x, y)
             loss, parts = model.loss(out, y)
+            w = step_w[pos]   # DDP: W * this rank's share of the batch; the average is the batch mean
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * w if w != 1.0 else loss).backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step, pos = step + 1, pos + 1
-            sums += torch.stack([loss.detach(), parts["nll"], parts["reg"]])
+            sums += torch.stack([loss.detach(), parts["nll"], parts["reg"]]) * w
             acc["steps"] += 1
-            acc["captions"] += y.size(0)
+            acc["captions"] += n_caps[pos - 1]
             if on_step is not None:
                 on_step(step, loss.detach())
             if step % cfg.log_every == 0 or pos == len(batches):
@@ -399,7 +415,7 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
                 if step % cfg.log_every == 0:
                     echo(f"epoch {epoch + 1} batch {pos}/{len(batches)} step {step} "
                          f"loss {acc['loss'] / acc['steps']:.3f} nll {acc['nll'] / acc['steps']:.3f}")
-            out_of_time = time.time() - t0 > budget_s
+            out_of_time = budget_s < math.inf and dist_mod.any_rank(time.time() - t0 > budget_s, device)
             if (cfg.max_steps and step >= cfg.max_steps) or out_of_time:
                 if pos < len(batches):
                     acc["train_s"] += time.time() - t_ep
@@ -413,7 +429,8 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
         _flush(acc, sums)
         acc["train_s"] += time.time() - t_ep
         t_val = time.time()
-        bleu, caps = _val_bleu(model, feats, refs, vocab, cfg, device)
+        bleu, caps = _val_bleu(model, feats, refs, vocab, cfg, device) if dinfo.is_main else (None, [""])
+        bleu = dist_mod.broadcast_object(bleu)   # the other ranks wait here
         sched.step(bleu["bleu4"])
         improved = bleu["bleu4"] > best
         if improved:
@@ -434,11 +451,14 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
             stop_reason = "early-stopped"
         finished = epoch >= cfg.epochs or stop_reason is not None
         checkpoint(finished=finished, is_best=improved)
-        _write_logs(run_dir, history)
+        if dinfo.is_main:
+            _write_logs(run_dir, history)
+        dist_mod.barrier()
         if cfg.max_steps and step >= cfg.max_steps and not finished:
             stop_reason = "max-steps"
-        elif time.time() - t0 > budget_s and not finished:
+        elif budget_s < math.inf and dist_mod.any_rank(time.time() - t0 > budget_s, device) and not finished:
             stop_reason = "max-minutes"
+    dist_mod.barrier()   # rank 0's checkpoint is written before any rank returns
     if stop_reason in ("max-minutes", "max-steps"):
         echo(f"stopped ({stop_reason}) at epoch {epoch + 1}, step {step}; continue with --resume")
     elif stop_reason == "early-stopped":
@@ -453,7 +473,7 @@ def _new_acc() -> dict:
 
 def _flush(acc: dict, sums: torch.Tensor) -> None:
     """Move the on-device step sums into the float accumulator (one host sync), then zero them."""
-    loss, nll, reg = sums.tolist()
+    loss, nll, reg = dist_mod.all_reduce_mean_(sums).tolist()
     acc["loss"] += loss
     acc["nll"] += nll
     acc["reg"] += reg
