@@ -10,12 +10,8 @@ Rules:
   bucket may be smaller (a rare length still gets its captions trained on every epoch). Then the
   order of all batches is shuffled. Everything is a function of (seed, epoch) only.
 
-Distributed (num_replicas R > 1, rank r): a bucket is cut into *global* batches of
-R * batch_size captions; the shuffled list of global batches is the same on every rank and global
-batch k is split into R near-equal parts, rank r taking part r. So at every step all ranks hold
-captions of the same length and the same number of steps per epoch. Each caption is used exactly
-once per epoch across ranks, except that a global batch with fewer than R captions is padded by
-repeating its own captions (like torch's DistributedSampler) so that no rank gets an empty batch.
+Distributed training (torchrun) splits these same batches across ranks: see
+distributed.DistributedBucketSampler.
 """
 from __future__ import annotations
 
@@ -38,15 +34,11 @@ class BucketBatchSampler:
     before iterating (or use `batches(e)`); `batches(e)[k:]` resumes in the middle of an epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0):
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size, self.seed = batch_size, seed
-        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         # Buckets: length -> caption indices (sorted by length, so the order is fixed).
         order = np.argsort(self.lengths, kind="stable")
@@ -58,33 +50,20 @@ class BucketBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The batches of `epoch` (default: the one set with set_epoch), in order."""
+        epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch])
-        size = self.batch_size * self.num_replicas
         out = []
         for n in sorted(self.buckets):
             idx = rng.permutation(self.buckets[n])
-            out.extend(idx[i:i + size] for i in range(0, len(idx), size))
+            out.extend(idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size))
         perm = rng.permutation(len(out))
         return [out[k] for k in perm]
-
-    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """This rank's batches for `epoch` (default: the one set with set_epoch), in order."""
-        epoch = self.epoch if epoch is None else epoch
-        R, r = self.num_replicas, self.rank
-        mine = []
-        for g in self._global_batches(epoch):
-            if R > 1:
-                if len(g) < R:  # pad a tiny tail with its own captions so no rank is empty
-                    g = np.resize(g, R)
-                g = np.array_split(g, R)[r]
-            mine.append(g)
-        return mine
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in self.batches():
             yield b.tolist()
 
     def __len__(self) -> int:
-        size = self.batch_size * self.num_replicas
-        return sum(-(-len(v) // size) for v in self.buckets.values())
+        return sum(-(-len(v) // self.batch_size) for v in self.buckets.values())

@@ -101,7 +101,8 @@ def _rng_state(device: torch.device) -> dict:
     s = np.random.get_state()
     return {"python": random.getstate(), "numpy": [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+            # only this process's GPU: a resume on a machine with another number of GPUs still works
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
 
 
 def _set_rng_state(s: dict, device: torch.device) -> None:
@@ -110,7 +111,7 @@ def _set_rng_state(s: dict, device: torch.device) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(s["torch"])
     if device.type == "cuda" and s.get("cuda"):
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"][0], device)
 
 
 def _tuples(x):

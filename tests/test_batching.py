@@ -47,18 +47,3 @@ def test_select_lengths_drops_long_and_empty():
     keep, dropped = select_lengths([0, 3, 30, 31, 50], max_len=30)
     assert keep.tolist() == [False, True, True, False, False]
     assert dropped == {"too_long": 2, "empty": 1}
-
-
-@pytest.mark.parametrize("R", [2, 3])
-def test_distributed_ranks_share_lengths_and_cover_every_caption(R):
-    lengths = _lengths(1, 500)
-    ranks = [BucketBatchSampler(lengths, 8, seed=0, num_replicas=R, rank=r).batches(4) for r in range(R)]
-    assert len({len(b) for b in ranks}) == 1                      # same number of steps on every rank
-    seen = Counter()
-    for step in zip(*ranks):
-        assert all(len(b) > 0 for b in step)
-        assert len({int(lengths[i]) for b in step for i in b}) == 1   # one length across ranks
-        seen.update(int(i) for b in step for i in b)
-    assert set(seen) == set(range(len(lengths)))
-    # repeats only pad global tails shorter than R
-    assert sum(seen.values()) - len(lengths) < R * len(np.unique(lengths))
