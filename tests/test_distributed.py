@@ -388,14 +388,6 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
 
 # ---- 2 processes: pipeline.train with DDP -------------------------------------------------------------
 
-def _train_wired() -> bool:
-    from pipeline import train as train_mod
-    return hasattr(train_mod, "dist_mod")
-
-
-needs_wiring = pytest.mark.skipif(not _train_wired(), reason="train.py not wired for DDP yet")
-
-
 def _train_args(feats, **kw):
     from pipeline.model import DecoderConfig
     from pipeline.train import TrainConfig
@@ -432,7 +424,6 @@ def train_feats(tmp_path):
     return make_store(tmp_path / "f.h5", {"train": 12, "val": 4}, L=16, C=8)
 
 
-@needs_wiring
 def test_two_process_train_equals_one_process(train_feats, tmp_path):
     """pipeline.train with 2 DDP ranks for a few steps = 1 process on the same (global) batches."""
     from pipeline.train import train
@@ -443,7 +434,6 @@ def test_two_process_train_equals_one_process(train_feats, tmp_path):
     _assert_same_params(a, b)
 
 
-@needs_wiring
 @pytest.mark.slow
 def test_resume_with_another_number_of_processes(train_feats, tmp_path):
     """2 ranks stop mid-epoch, 1 process resumes through validation, 2 ranks finish: = 1 process."""
@@ -461,26 +451,28 @@ def test_resume_with_another_number_of_processes(train_feats, tmp_path):
     assert (run / "best.pt").exists() and len((run / "log.jsonl").read_text().splitlines()) == 3
 
 
-def _cli_worker(rank, world, port, shapes, tmp):
+def _cli_worker(rank, world, port, args):
+    """One CLI command per process group, as under torchrun (a new group per command)."""
     from pipeline import backbones
     from pipeline.cli import main
     set_dist_env(rank, world, port)
     backbones.BACKBONES["dtiny"] = tiny_backbone_spec()
-    out = f"{tmp}/feats/shapes_dtiny.h5"
-    main(["extract", "--dataset", "shapes", "--root", shapes, "--backbone", "dtiny", "--out", out,
-          "--merge", "copy", "--workers", "0", "--device", "cpu"], standalone_mode=False)
-    main(["train", "--features", out, "--run-dir", f"{tmp}/run", "--epochs", "1", "--batch-size", "8",
-          "--embed-dim", "8", "--hidden-dim", "8", "--attention-dim", "8", "--min-count", "1",
-          "--device", "cpu"], standalone_mode=False)
+    try:
+        main(args, standalone_mode=False)
+    finally:
+        D.cleanup()
 
 
-@needs_wiring
 @pytest.mark.slow
 def test_cli_extract_and_train_under_two_processes(tmp_path):
     from conftest import make_shapes
     shapes = make_shapes(tmp_path, 4, 2, 2)
-    spawn(_cli_worker, 2, str(shapes), str(tmp_path))
     out = tmp_path / "feats" / "shapes_dtiny.h5"
+    spawn(_cli_worker, 2, ["extract", "--dataset", "shapes", "--root", str(shapes), "--backbone", "dtiny",
+                           "--out", str(out), "--merge", "copy", "--workers", "0", "--device", "cpu"])
+    spawn(_cli_worker, 2, ["train", "--features", str(out), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                           "--batch-size", "8", "--embed-dim", "8", "--hidden-dim", "8", "--attention-dim", "8",
+                           "--min-count", "1", "--device", "cpu"])
     with h5py.File(out, "r") as f:
         assert not f["features"].is_virtual                     # --merge copy
     st = store.FeatureStore.open(out)
