@@ -242,22 +242,8 @@ def _write_logs(run_dir: Path, history: list[dict]) -> None:
         w.writeheader()
         w.writerows(history)
     os.replace(run_dir / "log.csv.tmp", run_dir / "log.csv")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a1.plot(ep, [h["nll"] for h in history], "o-", label="train NLL / word")
-    a1.set_xlabel("epoch"), a1.legend()
-    for k in ("bleu1", "bleu4"):
-        a2.plot(ep, [h[k] for h in history], "o-", label=f"val {k.upper()}")
-    a2.set_xlabel("epoch"), a2.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=80)
-    plt.close(fig)
+    from .viz import plot_curves
+    plot_curves(run_dir)   # curves.png: train loss/NLL and val BLEU per epoch, from log.jsonl
 
 
 # -- training ---------------------------------------------------------------------------------------

@@ -72,6 +72,11 @@ def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str |
         # bright where attended, dark elsewhere, as in the paper's figures
         ax.imshow(upsample_alpha(alphas[i], grid, upscale), cmap="gray", alpha=0.7, vmin=0, vmax=1)
         ax.set_title(w, fontsize=11)
+    return _save(fig, out)
+
+
+def _save(fig, out) -> Path:
+    plt = _plt()
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     flat = [flatten(r) for r in rows]
     keys = sorted({k for r in flat for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     skip = re.compile(r"^(epoch|step|lr|time|seconds|minutes|elapsed|wall)", re.I)
-    losses = [k for k in keys if "loss" in k.lower() or "ppl" in k.lower() or "perplexity" in k.lower()]
+    losses = [k for k in keys if re.search(r"loss|nll|ppl|perplexity", k, re.I)]
     metrics = [k for k in keys if k not in losses and not skip.search(k.split(".")[-1])
                and re.search(r"bleu|meteor|cider|rouge|acc", k, re.I)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -145,11 +150,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
         if ks:
             ax.legend(fontsize=8)
     fig.suptitle(Path(run_dir).name)
-    fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out or Path(run_dir) / "curves.png")
 
 
 def plot_bleu4(runs: dict[str, list[dict]], out: str | Path) -> Path | None:
@@ -176,9 +177,4 @@ def plot_bleu4(runs: dict[str, list[dict]], out: str | Path) -> Path | None:
     ax.set_ylabel("val BLEU-4 (x100)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
