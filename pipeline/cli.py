@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .device import resolve_device
 from .errors import UserError
 
 
@@ -212,7 +213,7 @@ def score(split, run_dir, beam, features, batch_size, max_len, length_norm, devi
 
     from .score import ScoreConfig, run_score
     cfg = ScoreConfig(split=split, beam=beam, max_len=max_len, length_norm=length_norm,
-                      batch_size=batch_size, device=_device(device),
+                      batch_size=batch_size, device=resolve_device(device),
                       workers=workers or min(os.cpu_count() or 1, 4))
     run_score(run_dir, cfg, features, log=click.echo)
 
@@ -233,7 +234,7 @@ def caption(images, run_dir, beam, max_len, length_norm, attention, weights_dir,
     """Caption IMAGES with a trained run (prints IMAGE<TAB>caption)."""
     from .caption import CaptionConfig, attention_paths, caption_images
     from .viz import attention_figure
-    cfg = CaptionConfig(beam=beam, max_len=max_len, length_norm=length_norm, device=_device(device),
+    cfg = CaptionConfig(beam=beam, max_len=max_len, length_norm=length_norm, device=resolve_device(device),
                         weights_dir=str(weights_dir))
     results = caption_images(images, run_dir, cfg)
     for r in results:
@@ -260,16 +261,6 @@ def report(run_dirs, out, curves):
             if not (d / "curves.png").exists() and (p := plot_curves(d)):
                 click.echo(f"curves: {p}")
 
-
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu.")
-    return name
 
 # ---- demo -------------------------------------------------------------------------------------
 @main.command()

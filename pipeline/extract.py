@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .device import resolve_device
 from .errors import UserError
 from .records import Record
 
@@ -76,17 +77,6 @@ def _collate(items):
     import torch
     rows = np.array([r for r, _, _ in items], np.int64)
     return rows, torch.stack([x for _, x, _ in items]), [e for _, _, e in items]
-
-
-def pick_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible. Use --device cpu or auto.")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: choose auto, cpu or cuda.")
-    return device
 
 
 # ---- writer ----------------------------------------------------------------------------------------
@@ -226,7 +216,7 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
         raise UserError(f"{len(missing)} image file(s) missing, e.g. {', '.join(missing[:5])}. "
                         f"Check --root, or pass --skip-bad to record them in /bad.")
 
-    dev = pick_device(device)
+    dev = resolve_device(device)
     module, spec, sha = load_backbone(backbone, weights, weights_dir)
     prov = make_provenance(spec, sha, dataset, records, dtype)
 
@@ -332,7 +322,7 @@ def encode_images(images: list, provenance: dict, weights_dir: str | Path = "wei
     key = (name, weights, str(weights_dir), device)
     if key not in _ENCODER_CACHE:          # caption.py calls this per image: build the backbone once
         module, _, sha = load_backbone(name, weights, weights_dir)
-        dev = pick_device(device)
+        dev = resolve_device(device)
         _ENCODER_CACHE.clear()
         _ENCODER_CACHE[key] = (module.to(dev).to(memory_format=torch.channels_last), dev, sha)
     module, dev, sha = _ENCODER_CACHE[key]

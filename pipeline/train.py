@@ -30,6 +30,7 @@ import torch
 from . import distributed as dist_mod
 from . import store as store_mod
 from .batching import BucketBatchSampler, select_lengths
+from .device import resolve_device
 from .errors import UserError
 from .model import Decoder, DecoderConfig
 from .provenance import code_version
@@ -204,26 +205,11 @@ def _val_bleu(model, feats: _Features, refs: dict[int, list[str]], vocab: Vocab,
 
 
 def _decode_batch(model, x: torch.Tensor, cfg: TrainConfig) -> list[list[int]]:
-    """Token ids per image. Uses pipeline.decode when present, else a plain batched greedy loop."""
-    try:
-        from . import decode
-    except ImportError:
-        decode = None
+    """Token ids per image by real decoding: greedy, or beam search when cfg.beam > 1."""
+    from . import decode
     if cfg.beam > 1:
-        if decode is None:
-            raise UserError("--beam > 1 needs pipeline/decode.py; use --beam 1 (greedy).")
         return [h.tokens for h in decode.beam_search(model, x, beam=cfg.beam, max_len=cfg.max_len)]
-    if decode is not None and hasattr(decode, "greedy_decode"):
-        return decode.greedy_decode(model, x, max_len=cfg.max_len)[0]
-    with torch.inference_mode():   # fallback: greedy with the same contract
-        state, ctx = model.init_state(x)
-        prev = torch.full((x.size(0),), Vocab.start, dtype=torch.long, device=x.device)
-        out = []
-        for _ in range(cfg.max_len):
-            logp, _, state = model.step(prev, state, ctx)
-            prev = logp.argmax(1)
-            out.append(prev)
-        return torch.stack(out, 1).tolist()   # vocab.decode stops at <end>
+    return decode.greedy_decode(model, x, max_len=cfg.max_len)[0]
 
 
 # -- logging ----------------------------------------------------------------------------------------
@@ -247,12 +233,6 @@ def _write_logs(run_dir: Path, history: list[dict]) -> None:
 
 
 # -- training ---------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto.")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume: bool = False,
           overrides: dict | None = None, echo: Callable[[str], None] = print,
           on_step: Callable[[int, torch.Tensor], None] | None = None) -> dict:
@@ -278,7 +258,7 @@ def train(cfg: TrainConfig, dcfg: DecoderConfig, run_dir: str | Path, *, resume:
         if (st.num_regions, st.feature_dim) != (ckpt["num_regions"], ckpt["feature_dim"]):
             raise UserError(f"{st.path}: features are {st.num_regions}x{st.feature_dim}, the run {run_dir} "
                             f"was trained on {ckpt['num_regions']}x{ckpt['feature_dim']}.")
-    device = _device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     dinfo = dist_mod.init_from_env(dist_mod.backend_for(device))   # WORLD_SIZE > 1: DDP
     if dinfo.distributed and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
