@@ -146,8 +146,15 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Tear the process group down. On a normal exit all ranks meet at a barrier first: a rank that
+    destroys the group while another still talks to it can abort the other (gloo: SIGABRT). While an
+    exception propagates there is no barrier, since a failed rank may never arrive."""
+    import sys
+
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -264,7 +264,8 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
                 x = x.to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)  # (B,3,H,W)
                 with torch.autocast(dev, dtype=amp, enabled=amp is not None):
                     y = module(x)                                            # (B, C, h, w)
-                y = y.float().flatten(2).transpose(1, 2)                     # (B, L, C), L = h*w row-major
+                y = y.flatten(2).transpose(1, 2)                             # (B, L, C), L = h*w row-major
+                # one cast, straight to the stored dtype (autocast outputs are already half on GPU)
                 feats = y.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
                 isbad = np.array([bool(e) for e in errs])
                 if isbad.any():
