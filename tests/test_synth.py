@@ -18,10 +18,7 @@ from pipeline.text import tokenize
 COLOR = "|".join(synth.COLORS)
 SHAPE = "|".join(synth.SHAPES)
 SIZE = "|".join(w for ws in synth.SIZE_WORDS.values() for w in ws)
-NP = rf"an? (?:(?:{SIZE}) )?({COLOR}) ({SHAPE})"   # "a small red circle" -> (red, circle)
-RELATION = re.compile(rf"{NP} (above|below|to the left of|to the right of) {NP}")
-POSITION = re.compile(rf"(?:the|an?) (?:(?:{SIZE}) )?({COLOR}) ({SHAPE}) (?:is )?"
-                      rf"(on the left|on the right|at the top|at the bottom|in the middle|in the \w+ \w+ corner)")
+NP = re.compile(rf"(?:({SIZE}) )?({COLOR}) ({SHAPE})")   # "small red circle" -> (small, red, circle)
 
 
 def entries(root):
@@ -86,42 +83,47 @@ def test_images_objects_and_boxes(shapes_root):
 
 def test_captions_are_true_varied_and_name_objects(tmp_path):
     root = make_shapes(tmp_path, 40, 0, 0, seed=3)
-    lengths, relations, positions = set(), 0, 0
+    lengths, sized = set(), 0
     for e in entries(root):
         objects = e["objects"]
+        named_in_order = [(o["color"], o["shape"]) for o in synth.canonical_order(objects)]
         caps = [s["raw"] for s in e["sentences"]]
         assert len(caps) == 5 and len(set(caps)) == 5
+        assert caps == synth.captions_for(objects, e["background"])   # a function of the image alone
         for cap in caps:
             words = tokenize(cap)
             lengths.add(len(words))
             for w in words:
                 if w in synth.OBJECT_WORDS:
                     assert synth.objects_named_by(w, objects), (cap, objects)
-            for c1, s1, rel, c2, s2 in RELATION.findall(cap):
-                a = next(o for o in objects if (o["color"], o["shape"]) == (c1, s1))
-                b = next(o for o in objects if (o["color"], o["shape"]) == (c2, s2))
-                (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["box"], b["box"]
-                assert {"above": ay1 <= by0, "below": ay0 >= by1,
-                        "to the left of": ax1 <= bx0, "to the right of": ax0 >= bx1}[rel], (cap, objects)
-                relations += 1
-            for c, s, where in POSITION.findall(cap):
-                o = next(o for o in objects if (o["color"], o["shape"]) == (c, s))
-                assert synth.position(o) == where, (cap, o)
-                positions += 1
+            phrases = NP.findall(cap)
+            # every object named exactly once, in the canonical order, with its true size when sized
+            assert [(c, s) for _, c, s in phrases] == named_in_order, (cap, objects)
+            for size_word, c, s in phrases:
+                if size_word:
+                    o = next(o for o in objects if (o["color"], o["shape"]) == (c, s))
+                    assert size_word in synth.SIZE_WORDS[o["size"]], (cap, o)
+                    sized += 1
+            if "background" in cap:
+                assert f"{e['background']} background" in cap
+            if "shapes" in words:
+                assert synth.COUNT_WORDS[len(objects)] in words
     assert len(lengths) >= 8 and min(lengths) <= 4 and max(lengths) >= 15
-    assert relations >= 5 and positions >= 5
+    assert sized >= 40
 
 
-def test_position_and_relation_words():
-    box = lambda x0, y0, s=20: {"box": [x0, y0, x0 + s, y0 + s]}
-    assert synth.position(box(5, 5)) == "in the top left corner"
-    assert synth.position(box(5, 100)) == "on the left"
-    assert synth.position(box(100, 200)) == "at the bottom"
-    assert synth.position(box(100, 100)) == "in the middle"
-    assert synth.relation(box(10, 10), box(100, 20)) == "to the left of"
-    assert synth.relation(box(100, 150), box(110, 10)) == "below"
-    # far apart horizontally but overlapping in y: only left/right is true
-    assert synth.relation(box(10, 10, 60), box(100, 40, 20)) == "to the left of"
+def test_canonical_order_depends_on_looks_not_place():
+    objects = [{"color": "blue", "shape": "star", "size": "small", "box": [0, 0, 40, 40]},
+               {"color": "red", "shape": "cross", "size": "large", "box": [100, 100, 180, 180]},
+               {"color": "blue", "shape": "circle", "size": "medium", "box": [50, 150, 108, 208]}]
+    assert [(o["color"], o["shape"]) for o in synth.canonical_order(objects)] == \
+        [("red", "cross"), ("blue", "circle"), ("blue", "star")]
+    moved = [dict(o, box=b) for o, b in zip(objects, [o["box"] for o in objects[::-1]])]
+    assert synth.captions_for(moved, "plain") == synth.captions_for(objects, "plain")
+    assert synth.captions_for(objects, "plain")[0] == "a red cross , a blue circle and a blue star"
+    assert synth.captions_for(objects[:1], "plain") == [
+        "a blue star", "a small blue star", "there is a small blue star", "a single blue star",
+        "a blue star on a plain background"]
 
 
 def test_objects_named_by():
