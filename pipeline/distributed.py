@@ -394,13 +394,18 @@ def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_d
                         f"or choose another --out.") from None
     _, spec, sha = load_backbone(backbone, weights, weights_dir)
     prov = make_provenance(spec, sha, dataset, records, dtype)
-    store.check_same_provenance(store.provenance_of(prov), store.provenance_of(attrs),
-                                what="the existing feature file", where=str(out))
+    store.check_same_provenance({k: v for k, v in store.provenance_of(prov).items() if k != "captions_sha256"},
+                                store.provenance_of(attrs), what="the existing feature file", where=str(out))
     if int(attrs.get("num_images", -1)) != len(records):
         raise UserError(f"{out}: holds {attrs.get('num_images')} images but the dataset has {len(records)}. "
                         f"Use --force to re-extract or choose another --out.")
     if done.all():
-        return "run" if virtual and merge == "copy" else "complete"   # vds -> copy: merge again
+        if virtual and merge == "copy":
+            return "run"                  # vds -> copy: merge again (the merge writes the current captions)
+        if attrs.get("captions_sha256") != prov["captions_sha256"]:   # same pictures, new text: as extract does
+            store.refresh_annotations(out, records, prov["captions_sha256"])
+            print(f"{out}: the dataset's captions changed; refreshed the file's captions, features kept.")
+        return "complete"
     if not virtual:
         raise UserError(f"{out}: an incomplete single-process extraction. Resume it with the same command "
                         f"without torchrun, or pass --force to redo it with several processes.")
@@ -500,7 +505,7 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode
         if first is None:
             first = attrs
         else:
-            keys = [k for k in store.PROVENANCE_KEYS if k != "split_hashes"]
+            keys = [k for k in store.PROVENANCE_KEYS if k not in ("split_hashes", "captions_sha256")]  # per shard
             store.check_same_provenance({k: first.get(k) for k in keys}, attrs, what="this shard",
                                         where=str(p))
         if len(gi) != shape[0] or (len(gi) and (gi.min() < 0 or gi.max() >= n)):
@@ -515,6 +520,7 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode
     dtype = str(first["dtype"])
     prov = {k: first[k] for k in store.PROVENANCE_KEYS + ("code_version", "created") if k in first}
     prov["split_hashes"] = split_hashes(records)
+    prov["captions_sha256"] = store.captions_sha256(records)   # a shard's hash covers its rows only
     if dataset_root is None and first.get("dataset_root"):
         dataset_root = first["dataset_root"]
 

@@ -37,12 +37,13 @@ def split_hashes(records: Sequence[Record]) -> dict:
 
 def make_provenance(spec, weights_sha256: str, dataset: str, records: Sequence[Record], dtype: str) -> dict:
     from datetime import datetime, timezone
+    from . import store
     from .provenance import code_version
     return {
         "backbone": spec.name, "weights_sha256": weights_sha256, "preprocessing": spec.preprocessing,
         "input_size": spec.input_size, "grid": list(spec.grid), "feature_dim": spec.feature_dim,
         "dtype": dtype, "dataset": dataset, "split_hashes": split_hashes(records),
-        "code_version": code_version(),
+        "captions_sha256": store.captions_sha256(records), "code_version": code_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -173,19 +174,25 @@ class ExtractResult:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_existing(out: Path, provenance: dict, records: Sequence[Record]):
-    """Refuse to mix provenance into an existing file; returns its /done mask or None if it is unusable."""
+def _check_existing(out: Path, provenance: dict, records: Sequence[Record]) -> None:
+    """Refuse to mix provenance into an existing file. Captions that changed in the dataset (same
+    images) are refreshed in the file, with a message: its features are still right."""
     from . import store
     try:
         attrs = store.read_attrs(out)
     except UserError:
         raise UserError(f"{out}: exists but is not a readable feature file. Use --force to overwrite it "
                         f"or choose another --out.")
-    store.check_same_provenance(store.provenance_of(provenance), store.provenance_of(attrs),
+    expected = {k: v for k, v in store.provenance_of(provenance).items() if k != "captions_sha256"}
+    store.check_same_provenance(expected, store.provenance_of(attrs),
                                 what="the existing feature file", where=str(out))
     if int(attrs.get("num_images", -1)) != len(records):
         raise UserError(f"{out}: holds {attrs.get('num_images')} images but the dataset has {len(records)}. "
                         f"Use --force to re-extract or choose another --out.")
+    if attrs.get("captions_sha256") != provenance["captions_sha256"]:
+        store.refresh_annotations(out, records, provenance["captions_sha256"])
+        print(f"{out}: the dataset's captions changed (or the file predates caption hashes); refreshed the "
+              f"file's captions, features kept.")
 
 
 def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbone: str,

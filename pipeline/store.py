@@ -32,7 +32,7 @@ STR = h5py.string_dtype("utf-8")
 # Attributes that identify what made the features. Two artefacts mix only if these agree.
 PROVENANCE_KEYS = (
     "backbone", "weights_sha256", "preprocessing", "input_size", "grid", "feature_dim",
-    "dtype", "dataset", "split_hashes",
+    "dtype", "dataset", "split_hashes", "captions_sha256",
 )
 # Written too, but informational (they may differ between compatible files).
 INFO_KEYS = ("code_version", "created", "dataset_root", "format_version", "num_images")
@@ -54,17 +54,43 @@ def create(path: str | Path, records: Sequence[Record], provenance: dict, *,
         f.create_dataset("image_ids", data=[r.image_id for r in records], dtype=STR)
         f.create_dataset("filenames", data=[_rel(r.path, root) for r in records], dtype=STR)
         f.create_dataset("split", data=[r.split for r in records], dtype=STR)
-        caps = [(i, c) for i, r in enumerate(records) for c in r.captions]
-        f.create_dataset("captions", data=[c for _, c in caps], dtype=STR, shape=(len(caps),))
-        f.create_dataset("caption_row", data=np.array([i for i, _ in caps], np.int32), shape=(len(caps),))
-        if any(r.objects is not None for r in records):
-            f.create_dataset("objects", data=[json.dumps(r.objects or []) for r in records], dtype=STR)
+        _write_annotations(f, records)
         attrs = dict(provenance)
         attrs.update(feature_dim=feature_dim, dtype=dtype, format_version=FORMAT_VERSION, num_images=n,
                      dataset_root=str(root or ""))
         for k, v in attrs.items():
             f.attrs[k] = _attr(v)
     os.replace(tmp, path)  # a half-created file never has the final name
+
+
+def captions_sha256(records: Sequence[Record]) -> str:
+    """Hash of every image's captions (and objects, for synthetic sets) in row order: the cache's text."""
+    from .provenance import sha256_strings
+    return sha256_strings(json.dumps([r.image_id, list(r.captions), r.objects], sort_keys=True) for r in records)
+
+
+def _write_annotations(f: h5py.File, records: Sequence[Record]) -> None:
+    """(Re)write /captions, /caption_row and /objects from the records."""
+    for name in ("captions", "caption_row", "objects"):
+        if name in f:
+            del f[name]
+    caps = [(i, c) for i, r in enumerate(records) for c in r.captions]
+    f.create_dataset("captions", data=[c for _, c in caps], dtype=STR, shape=(len(caps),))
+    f.create_dataset("caption_row", data=np.array([i for i, _ in caps], np.int32), shape=(len(caps),))
+    if any(r.objects is not None for r in records):
+        f.create_dataset("objects", data=[json.dumps(r.objects or []) for r in records], dtype=STR)
+
+
+def refresh_annotations(path: str | Path, records: Sequence[Record], captions_hash: str) -> None:
+    """Replace a cache's captions/objects with the dataset's current ones; the features stay.
+
+    The features depend on the pictures only, so a changed caption file (or a new synthetic caption
+    generator) needs no re-extraction. The hash attribute is written last: a crash part-way leaves
+    the old hash (or none), and the next `pipeline extract` rewrites the text again.
+    """
+    with _open(path, "r+") as f:
+        _write_annotations(f, records)
+        f.attrs["captions_sha256"] = captions_hash
 
 
 def _create_features(f: h5py.File, shape: tuple[int, int, int], dtype: str) -> None:

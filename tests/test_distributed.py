@@ -174,7 +174,7 @@ def _prov(records):
     from pipeline.extract import split_hashes
     return {"backbone": "syn", "weights_sha256": "0" * 64, "preprocessing": {"kind": "none"},
             "input_size": 28, "grid": [2, 2], "dataset": "syn", "split_hashes": split_hashes(records),
-            "code_version": "test", "created": "now"}
+            "captions_sha256": store.captions_sha256(records), "code_version": "test", "created": "now"}
 
 
 def _write(path, records, feats, bad=None):

@@ -198,6 +198,30 @@ def test_refuses_other_backbone_and_keeps_finished_file(tmp_path, tiny):
     assert store.read_attrs(out)["backbone"] == "tiny2"
 
 
+def test_changed_captions_are_refreshed_not_kept_stale(tmp_path, tiny, capsys):
+    """Same pictures, new caption text (a corrected caption file, a new synthetic generator): a
+    finished cache gets the new captions without re-extraction, and the change shows in provenance."""
+    recs = make_records(tmp_path, n=6)
+    out = tmp_path / "f.h5"
+    run(recs, out)
+    feats = store.FeatureStore.open(out).load_features()
+    old_hash = store.read_attrs(out)["captions_sha256"]
+    renamed = [Record(r.image_id, r.path, r.split, [c.upper() for c in r.captions]) for r in recs]
+    assert run(renamed, out).computed == 0                                # features are not recomputed
+    assert "refreshed the file's captions" in capsys.readouterr().out
+    st = store.FeatureStore.open(out)
+    assert st.captions_of("train")[1] == [c for r in renamed if r.split == "train" for c in r.captions]
+    np.testing.assert_array_equal(st.load_features(), feats)
+    assert st.provenance["captions_sha256"] == store.captions_sha256([r for r in renamed if r.split])
+    assert st.provenance["captions_sha256"] != old_hash
+    # a run made from the old captions is refused on the refreshed file
+    with pytest.raises(UserError, match="captions_sha256"):
+        store.check_same_provenance(dict(st.provenance, captions_sha256=old_hash), st.provenance,
+                                    what="features", where="run")
+    run(renamed, out)                                                      # now in step: nothing to say
+    assert "refreshed" not in capsys.readouterr().out
+
+
 def test_bad_images_error_then_skip_bad(tmp_path, tiny):
     recs = make_records(tmp_path, n=9, bad=(1, 6))
     out = tmp_path / "f.h5"
