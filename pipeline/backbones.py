@@ -284,7 +284,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("densenet161", 448, (14, 14), 2208, imagenet_preprocessing(448),
                      _torchvision_builder("densenet161", "DenseNet161_Weights"), amp="float16"),
         BackboneSpec("efficientnet_lite2", 448, (14, 14), 1280, tflite_preprocessing(448),
-                     build_efficientnet_lite2, amp="float16", cpu_batch=4,   # 13.4 img/s at 4, 7.6 at 16
+                     build_efficientnet_lite2, amp="float16", cpu_batch=4,   # 13.2 img/s at 4, 8.0 at 16 (2 threads)
                      notes=f"optional: {EFFLITE_PIP}"),
     )
 }
