@@ -23,25 +23,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import synth  # noqa: E402
+from pipeline.score import grid_and_size, cell_overlap  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
 
 def object_vectors(st: FeatureStore, feats: np.ndarray, split: str):
     """(n_objects, C) pooled vectors and the label of each property per object."""
-    gh, gw = st.attrs["grid"] if "grid" in st.attrs else (14, 14)
-    size = synth.IMAGE_SIZE
+    grid, image_size = grid_and_size(st)                          # the mapping attention accuracy uses
     xs, labels = [], {k: [] for k in ("colour", "shape", "size", "x third", "y third")}
     for row in st.rows(split):
-        grid = feats[row].reshape(gh, gw, -1)                      # (gh, gw, C)
         for o in st.objects[row]:
+            touched = cell_overlap([o["box"]], grid, image_size).reshape(-1) > 0    # (L,) cells under the box
+            xs.append(feats[row][touched].max(0))                                 # (C,)
             x0, y0, x1, y1 = o["box"]
-            cells = grid[y0 * gh // size:(y1 - 1) * gh // size + 1, x0 * gw // size:(x1 - 1) * gw // size + 1]
-            xs.append(cells.reshape(-1, cells.shape[-1]).max(0))
             labels["colour"].append(list(synth.COLORS).index(o["color"]))
             labels["shape"].append(synth.SHAPES.index(o["shape"]))
             labels["size"].append(list(synth.SIZES).index(o["size"]))
-            labels["x third"].append(min(int(3 * (x0 + x1) / 2 / size), 2))
-            labels["y third"].append(min(int(3 * (y0 + y1) / 2 / size), 2))
+            labels["x third"].append(min(int(3 * (x0 + x1) / 2 / image_size[1]), 2))
+            labels["y third"].append(min(int(3 * (y0 + y1) / 2 / image_size[0]), 2))
     x = torch.from_numpy(np.log1p(np.stack(xs).astype(np.float32)))
     return x, {k: torch.tensor(v) for k, v in labels.items()}
 

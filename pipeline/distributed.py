@@ -383,7 +383,7 @@ def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_d
     import h5py
     from . import store
     from .backbones import load_backbone
-    from .extract import make_provenance
+    from .extract import check_existing, make_provenance, refresh_captions
     try:
         attrs = store.read_attrs(out)
         with h5py.File(out, "r") as f:
@@ -394,17 +394,11 @@ def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_d
                         f"or choose another --out.") from None
     _, spec, sha = load_backbone(backbone, weights, weights_dir)
     prov = make_provenance(spec, sha, dataset, records, dtype)
-    store.check_same_provenance({k: v for k, v in store.provenance_of(prov).items() if k != "captions_sha256"},
-                                store.provenance_of(attrs), what="the existing feature file", where=str(out))
-    if int(attrs.get("num_images", -1)) != len(records):
-        raise UserError(f"{out}: holds {attrs.get('num_images')} images but the dataset has {len(records)}. "
-                        f"Use --force to re-extract or choose another --out.")
+    check_existing(out, attrs, prov, records)
     if done.all():
         if virtual and merge == "copy":
             return "run"                  # vds -> copy: merge again (the merge writes the current captions)
-        if attrs.get("captions_sha256") != prov["captions_sha256"]:   # same pictures, new text: as extract does
-            store.refresh_annotations(out, records, prov["captions_sha256"])
-            print(f"{out}: the dataset's captions changed; refreshed the file's captions, features kept.")
+        refresh_captions(out, attrs, prov, records)
         return "complete"
     if not virtual:
         raise UserError(f"{out}: an incomplete single-process extraction. Resume it with the same command "

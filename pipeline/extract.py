@@ -174,21 +174,22 @@ class ExtractResult:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_existing(out: Path, provenance: dict, records: Sequence[Record]) -> None:
-    """Refuse to mix provenance into an existing file. Captions that changed in the dataset (same
-    images) are refreshed in the file, with a message: its features are still right."""
+def check_existing(out: Path, attrs: dict, provenance: dict, records: Sequence[Record]) -> None:
+    """Refuse to mix into an existing file (`attrs`) made by something else. The captions hash is
+    not checked here: changed text over the same pictures is `refresh_captions`' business."""
     from . import store
-    try:
-        attrs = store.read_attrs(out)
-    except UserError:
-        raise UserError(f"{out}: exists but is not a readable feature file. Use --force to overwrite it "
-                        f"or choose another --out.")
     expected = {k: v for k, v in store.provenance_of(provenance).items() if k != "captions_sha256"}
     store.check_same_provenance(expected, store.provenance_of(attrs),
                                 what="the existing feature file", where=str(out))
     if int(attrs.get("num_images", -1)) != len(records):
         raise UserError(f"{out}: holds {attrs.get('num_images')} images but the dataset has {len(records)}. "
                         f"Use --force to re-extract or choose another --out.")
+
+
+def refresh_captions(out: Path, attrs: dict, provenance: dict, records: Sequence[Record]) -> None:
+    """Same pictures, new caption text (or a file older than caption hashes): rewrite the file's
+    captions and objects, keep its features, say so."""
+    from . import store
     if attrs.get("captions_sha256") != provenance["captions_sha256"]:
         store.refresh_annotations(out, records, provenance["captions_sha256"])
         print(f"{out}: the dataset's captions changed (or the file predates caption hashes); refreshed the "
@@ -229,7 +230,13 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
     prov = make_provenance(spec, sha, dataset, records, dtype)
 
     if out.exists() and not force:
-        _check_existing(out, prov, records)
+        try:
+            attrs = store.read_attrs(out)
+        except UserError:
+            raise UserError(f"{out}: exists but is not a readable feature file. Use --force to overwrite it "
+                            f"or choose another --out.") from None
+        check_existing(out, attrs, prov, records)
+        refresh_captions(out, attrs, prov, records)
     else:
         store.create(out, records, prov, num_regions=spec.num_regions, feature_dim=spec.feature_dim,
                      dtype=dtype, dataset_root=dataset_root)

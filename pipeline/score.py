@@ -305,7 +305,7 @@ def format_attention(st: AttentionStats) -> str:
     return "\n".join(lines)
 
 
-def _grid_and_size(store: FeatureStore) -> tuple[tuple[int, int], tuple[int, int]]:
+def grid_and_size(store: FeatureStore) -> tuple[tuple[int, int], tuple[int, int]]:
     """Attention grid, and the pixel frame of the boxes: the synthetic image (224x224). Backbones
     squash-resize the whole image to their input (224 or 448), so the grid maps onto it proportionally."""
     g = store.attrs.get("grid") or [14, 14]
@@ -365,7 +365,7 @@ def score_split(model, vocab: Vocab, store: FeatureStore, out_dir: Path, cfg: Sc
                                   f"{sum(len(refs[int(r)]) for r in with_refs)} references (x100)"))
 
     if store.objects is not None:
-        grid, size = _grid_and_size(store)
+        grid, size = grid_and_size(store)
         words = [[vocab.itos[i] for i in h.tokens] for h in hyps]
         st = attention_accuracy(words, [h.alphas.numpy() for h in hyps], [store.objects[r] for r in rows],
                                 grid=grid, image_size=size)
