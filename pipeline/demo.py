@@ -1,8 +1,9 @@
 """`make demo`: the whole pipeline on the embedded synthetic "shapes" set, on CPU, in minutes.
 
 synthetic images -> VGG19 features (HDF5) -> soft-attention decoder -> score val/test (with attention
-accuracy) -> caption two test images with attention maps. Every step is the same CLI command a user
-would type; the demo only strings them together and prints each command first.
+accuracy) -> caption two test images with attention maps -> the results browser of the val split.
+Every step is the same CLI command a user would type; the demo only strings them together and
+prints each command first.
 """
 from __future__ import annotations
 
@@ -37,5 +38,8 @@ def run_demo(out: Path, *, train: int, val: int, test: int, minutes: float, weig
         _run(["score", "--run", str(run), "--split", split, "--beam", "3"])
     images = sorted((data / "images").glob("test_*.jpg"))[:2]
     _run(["caption", *map(str, images), "--run", str(run), "--attention", str(out / "attention.png")])
+    site = out / "browse"
+    _run(["browse", "--run", str(run), "--split", "val", "--beam", "3", "--out", str(site)])
     click.secho(f"demo finished in {(time.time() - t0) / 60:.1f} min; attention maps: {out}/attention*.png",
                 fg="green")
+    click.secho(f"results browser (open it from disk, no server needed): {site / 'index.html'}", fg="green")

@@ -1,24 +1,13 @@
-"""Several processes (GPUs, nodes) with torchrun: process group, sharding, sharded extraction, DDP sampler.
+"""Several processes (GPUs, nodes) with torchrun: the process group and the collectives the stages use.
 
 Everything here is a thin layer over torch.distributed (NCCL on CUDA, gloo on CPU); torchrun starts
 the processes and sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
 Without torchrun (WORLD_SIZE unset or 1) every function degrades to the single-process behaviour.
 See docs/distributed.md for the commands.
 
-Extraction (`extract_distributed`): rank r of W extracts a contiguous block of rows (`shard`) into its
-own file `OUT.rank{r}-of{W}.h5` (the store.create layout over its rows only, plus /global_index, its rows'
-positions in OUT); each shard has its own /done mask, so re-running the same command resumes every
-shard. When all shards are complete, rank 0 writes OUT with exactly the layout and provenance attrs of a
-single-process run: metadata datasets are real; /features, /done and /bad are HDF5 virtual datasets
-over the shards (`merge="vds"`, source paths relative to OUT's folder so the folder can move) or real
-copies (`merge="copy"`, a standalone file; the shards can then be deleted).
-
-Training (`DistributedBucketSampler`): `batch_size` is the GLOBAL number of captions per optimizer step,
-whatever the number of processes. Step k of an epoch is batch k of the single-process sampler
-(batching.BucketBatchSampler with the same seed), split into W near-equal parts of one caption length.
-A part's loss is weighted by W * len(part) / len(batch), so DDP's gradient average equals the gradient
-of the mean loss over the whole batch: training is the same computation for any number of processes,
-and a run can resume mid-epoch with a different number of processes.
+Where the distributed parts of each stage live: sharded extraction is extract.extract_distributed
+(merged by store.merge_shards); the DDP batch split is batching.DistributedBatchSampler; training
+calls `wrap_ddp`, `seed_rank`, `all_reduce_*` and `any_rank` from here.
 """
 from __future__ import annotations
 
@@ -26,8 +15,7 @@ import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,7 +23,6 @@ from .errors import UserError
 
 TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT_MIN"   # collective timeout (rank 0 validates while others wait)
 DEFAULT_TIMEOUT_MIN = 60.0
-SHARD_ATTRS = ("shard_rank", "shard_world", "shard_of", "global_num_images")
 
 
 # ---- process group ---------------------------------------------------------------------------------
@@ -214,95 +201,7 @@ def run_on_all_ranks(fn: Callable[[], Any]) -> list:
     return [msg for _, msg in reports]
 
 
-def shard(indices: Sequence[int] | np.ndarray | int, rank: int, world: int) -> np.ndarray:
-    """Rank `rank`'s part of `indices` (or of range(indices) when an int): contiguous, in order.
-
-    The W parts are disjoint, cover `indices`, depend only on (len, rank, world), and their sizes
-    differ by at most one (the first len % W parts have one more).
-    """
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, {world})")
-    idx = np.arange(indices) if isinstance(indices, (int, np.integer)) else np.asarray(indices)
-    n = len(idx)
-    q, m = divmod(n, world)
-    start = rank * q + min(rank, m)
-    return idx[start:start + q + (1 if rank < m else 0)]
-
-
-# ---- training: the distributed bucket sampler ------------------------------------------------------
-
-class DistributedBucketSampler:
-    """Rank `rank`'s share of the single-process length-bucket batches (a DataLoader batch_sampler).
-
-    Built on batching.BucketBatchSampler(lengths, batch_size, seed): its batch k of an epoch (one caption
-    length, `batch_size` captions, or fewer for the last batch of a length) is split by `shard` into
-    `world_size` near-equal parts; this rank takes part `rank`. Hence, at every step:
-      * all ranks hold captions of the same length, and every rank has the same number of steps;
-      * every caption of the epoch is in exactly one rank's part (exact coverage, nothing dropped,
-        nothing counted twice);
-      * `weights(epoch)[k]` = W * len(part) / len(batch): scaling the part's mean loss by it makes the
-        DDP average of gradients the gradient of the mean loss over the whole batch.
-    When a batch has fewer captions than ranks, a rank left without any gets a filler (the batch's first
-    caption) with weight 0: it runs the step (DDP needs every rank) but contributes no gradient.
-    Deterministic per (seed, epoch); world_size=1 gives exactly the single-process batches, weights 1.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        from .batching import BucketBatchSampler
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.base = BucketBatchSampler(lengths, batch_size, seed=seed)
-        self.lengths, self.buckets = self.base.lengths, self.base.buckets
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """The batches of all ranks together (= the single-process batches)."""
-        return self.base.batches(self.epoch if epoch is None else epoch)
-
-    def steps(self, epoch: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-        """(this rank's batches, their loss weights (n_steps,)) for `epoch`; `[k:]` resumes at step k."""
-        mine, weights = [], []
-        for g in self.global_batches(epoch):
-            part = shard(g, self.rank, self.world_size)
-            if len(part):
-                w = self.world_size * len(part) / len(g)
-            else:
-                part, w = g[:1], 0.0
-            mine.append(part)
-            weights.append(w)
-        return mine, np.asarray(weights, dtype=np.float64)
-
-    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        return self.steps(epoch)[0]
-
-    def weights(self, epoch: int | None = None) -> np.ndarray:
-        return self.steps(epoch)[1]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b in self.batches():
-            yield b.tolist()
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
-# ---- training helpers (train.py) ---------------------------------------------------------------------
-
-def epoch_plan(sampler, epoch: int) -> tuple[list[np.ndarray], list[float], list[int]]:
-    """(this rank's batches, loss weights, captions per step over all ranks) of an epoch, for either
-    sampler: a single-process BucketBatchSampler gives weights 1 and its own batch sizes."""
-    if isinstance(sampler, DistributedBucketSampler):
-        batches, weights = sampler.steps(epoch)
-        return batches, weights.tolist(), [len(g) for g in sampler.global_batches(epoch)]
-    batches = sampler.batches(epoch)
-    return batches, [1.0] * len(batches), [len(b) for b in batches]
-
+# ---- training helpers ---------------------------------------------------------------------
 
 def wrap_ddp(model, device):
     """DistributedDataParallel around `model` when a process group is up, else `model` itself."""
@@ -335,258 +234,11 @@ def all_reduce_mean_(t):
     return t
 
 
-# ---- extraction: shards and the merged file ----------------------------------------------------------
-
-def shard_path(out: str | Path, rank: int, world: int) -> Path:
-    """features/x.h5 -> features/x.rank0-of4.h5"""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.rank{rank}-of{world}{out.suffix or '.h5'}")
 
 
-def shard_paths(out: str | Path, world: int) -> list[Path]:
-    return [shard_path(out, r, world) for r in range(world)]
-
-
-def _stale_shards(out: Path, world: int) -> list[Path]:
-    keep = set(shard_paths(out, world))
-    return sorted(p for p in out.parent.glob(f"{out.stem}.rank*-of*{out.suffix or '.h5'}") if p not in keep)
-
-
-def write_global_index(path: str | Path, rows: np.ndarray, rank: int, world: int, total: int,
-                       of: str = "") -> None:
-    """Record in a shard which rows of the merged file it holds (idempotent)."""
-    import h5py
-    rows = np.asarray(rows, dtype=np.int64)
-    with h5py.File(path, "r+") as f:
-        if "global_index" in f:
-            if not np.array_equal(f["global_index"][()], rows):
-                raise UserError(f"{path}: holds other rows than rank {rank} of {world} should; "
-                                f"re-run with --force.")
-        else:
-            f.create_dataset("global_index", data=rows)
-        for k, v in zip(SHARD_ATTRS, (rank, world, of, total)):
-            f.attrs[k] = v
-
-
-def _filter_records(records, dataset: str):
-    records = [r for r in records if r.split]   # as extract.extract: images in no split are not cached
-    if not records:
-        raise UserError(f"dataset {dataset}: no images with a split to extract.")
-    ids = [r.image_id for r in records]
-    if len(set(ids)) != len(ids):
-        raise UserError(f"dataset {dataset}: duplicate image ids; the dataset reader must yield unique ids.")
-    return records
-
-
-def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_dir, dtype, merge) -> str:
-    """'complete' when OUT exists, is complete and matches; 'run' when it should be (re)made."""
-    import h5py
-    from . import store
-    from .backbones import load_backbone
-    from .extract import check_existing, make_provenance, refresh_captions
-    try:
-        attrs = store.read_attrs(out)
-        with h5py.File(out, "r") as f:
-            virtual = f["features"].is_virtual
-            done = f["done"][()]                 # a missing VDS source reads as fill value False
-    except (UserError, OSError, KeyError):
-        raise UserError(f"{out}: exists but is not a readable feature file. Use --force to overwrite it "
-                        f"or choose another --out.") from None
-    _, spec, sha = load_backbone(backbone, weights, weights_dir)
-    prov = make_provenance(spec, sha, dataset, records, dtype)
-    check_existing(out, attrs, prov, records)
-    if done.all():
-        if virtual and merge == "copy":
-            return "run"                  # vds -> copy: merge again (the merge writes the current captions)
-        refresh_captions(out, attrs, prov, records)
-        return "complete"
-    if not virtual:
-        raise UserError(f"{out}: an incomplete single-process extraction. Resume it with the same command "
-                        f"without torchrun, or pass --force to redo it with several processes.")
-    return "run"   # a merged VDS whose shards are missing or incomplete: redo/resume the shards
-
-
-def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str, merge: str = "vds",
-                        weights: str | None = None, weights_dir: str | Path = "weights",
-                        dtype: str = "float16", batch_size: int | None = None, workers: int | None = None,
-                        force: bool = False, skip_bad: bool = False, device: str = "auto",
-                        dataset_root: str | Path | None = None, progress: bool = True,
-                        echo: Callable[[str], None] = print):
-    """Extract `records` into OUT with every process of the torchrun group (call it on every rank).
-
-    Returns an extract.ExtractResult summed over the ranks (seconds: the slowest rank).
-    A single process (no process group) runs extract.extract unchanged.
-    """
-    from .extract import ExtractResult, extract
-
-    kw = dict(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, dtype=dtype,
-              batch_size=batch_size, skip_bad=skip_bad, device=device, dataset_root=dataset_root)
-    if merge not in ("vds", "copy"):
-        raise UserError(f"--merge {merge}: choose vds or copy.")
-    info = current()
-    if not info.distributed:
-        return extract(records, out, workers=workers, force=force, progress=progress, **kw)
-    out = Path(out)
-    records = _filter_records(records, dataset)
-    n = len(records)
-
-    def decide():
-        if info.is_main:
-            for p in _stale_shards(out, info.world_size):
-                echo(f"note: {p} is a shard of a run with another number of processes; it is not used "
-                     f"(delete it).")
-            if out.exists() and not force:
-                return _existing_final(out, records, dataset=dataset, backbone=backbone, weights=weights,
-                                       weights_dir=weights_dir, dtype=dtype, merge=merge)
-        return "run"
-    status = run_on_all_ranks(decide)[0]
-    if status == "complete":
-        return ExtractResult(out, n, 0)
-
-    rows = shard(n, info.rank, info.world_size)
-    mine = shard_path(out, info.rank, info.world_size)
-    if workers is None:    # share the node's CPUs between its processes
-        workers = max(1, min(8, ((os.cpu_count() or 2) - 1) // max(1, info.local_world_size)))
-
-    def work():
-        if not len(rows):
-            return (0, [], 0.0)
-        res = extract([records[i] for i in rows], mine, workers=workers, force=force,
-                      progress=progress and info.is_main, **kw)
-        write_global_index(mine, rows, info.rank, info.world_size, n, of=out.name)
-        return (res.computed, res.bad, res.seconds)
-    results = run_on_all_ranks(work)
-    result = ExtractResult(out, n, sum(r[0] for r in results), [b for r in results for b in r[1]],
-                           max(r[2] for r in results))
-
-    def do_merge():
-        if info.is_main:
-            used = [shard_path(out, r, info.world_size) for r in range(info.world_size)
-                    if len(shard(n, r, info.world_size))]
-            merge_shards(out, used, records, mode=merge, dataset_root=dataset_root)
-    run_on_all_ranks(do_merge)
-    return result
-
-
-def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode: str = "vds",
-                 dataset_root: str | Path | None = None, copy_rows: int = 256) -> Path:
-    """Write OUT from complete shards: the single-process layout and provenance, features/done/bad
-    virtual (mode 'vds') or copied (mode 'copy'). `records` are the merged file's rows, in order."""
-    import h5py
-    from . import store
-    from .extract import split_hashes
-
-    out = Path(out)
-    if mode not in ("vds", "copy"):
-        raise UserError(f"--merge {mode}: choose vds or copy.")
-    n = len(records)
-    if not shards:
-        raise UserError(f"{out}: no shards to merge.")
-    metas, seen = [], np.zeros(n, np.int64)
-    first = None
-    for p in shards:
-        p = Path(p)
-        attrs = store.read_attrs(p)
-        with h5py.File(p, "r") as f:
-            if "global_index" not in f:
-                raise UserError(f"{p}: not a finished extraction shard (no /global_index); re-run the "
-                                f"same torchrun extract command to resume it.")
-            gi, done, bad = f["global_index"][()], f["done"][()], f["bad"][()]
-            shape, dt = f["features"].shape, f["features"].dtype
-        if not done.all():
-            raise UserError(f"{p}: shard incomplete ({int((~done).sum())} of {len(done)} rows missing); "
-                            f"re-run the same torchrun extract command to resume it.")
-        if first is None:
-            first = attrs
-        else:
-            keys = [k for k in store.PROVENANCE_KEYS if k not in ("split_hashes", "captions_sha256")]  # per shard
-            store.check_same_provenance({k: first.get(k) for k in keys}, attrs, what="this shard",
-                                        where=str(p))
-        if len(gi) != shape[0] or (len(gi) and (gi.min() < 0 or gi.max() >= n)):
-            raise UserError(f"{p}: /global_index does not fit a file of {n} rows; re-run with --force.")
-        np.add.at(seen, gi, 1)
-        metas.append((p, gi, bad, shape, dt))
-    if not (seen == 1).all():
-        raise UserError(f"{out}: the shards {', '.join(str(s) for s in shards)} do not hold every row exactly "
-                        f"once ({int((seen == 0).sum())} missing, {int((seen > 1).sum())} repeated); "
-                        f"re-run with --force.")
-    L, C = metas[0][3][1:]
-    dtype = str(first["dtype"])
-    prov = {k: first[k] for k in store.PROVENANCE_KEYS + ("code_version", "created") if k in first}
-    prov["split_hashes"] = split_hashes(records)
-    prov["captions_sha256"] = store.captions_sha256(records)   # a shard's hash covers its rows only
-    if dataset_root is None and first.get("dataset_root"):
-        dataset_root = first["dataset_root"]
-
-    # The metadata datasets and attrs exactly as store.create writes them (features there are 1x1).
-    meta = out.with_name(out.name + ".meta")
-    tmp = out.with_name(out.name + ".merging")
-    store.create(meta, records, prov, num_regions=1, feature_dim=1, dtype=dtype, dataset_root=dataset_root)
-    try:
-        with h5py.File(meta, "r") as m, h5py.File(tmp, "w") as f:
-            for name in m:
-                if name not in ("features", "done", "bad"):
-                    m.copy(m[name], f, name)
-            for k, v in m.attrs.items():
-                f.attrs[k] = v
-            f.attrs["feature_dim"] = int(C)
-            if mode == "vds":
-                _virtual(f, out, metas, n, L, C, dt)
-            else:
-                _copy(f, metas, n, L, C, dtype, copy_rows)
-        os.replace(tmp, out)
-    finally:
-        for p in (meta, tmp):
-            if p.exists():
-                p.unlink()
-    return out
-
-
-def _runs(rows: np.ndarray):
-    """(start, stop) index pairs of runs of consecutive values in rows."""
-    if not len(rows):
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return list(zip(np.r_[0, breaks], np.r_[breaks, len(rows)]))
-
-
-def _virtual(f, out: Path, metas, n: int, L: int, C: int, dt) -> None:
-    import h5py
-    lay_f = h5py.VirtualLayout(shape=(n, L, C), dtype=dt)
-    lay_d = h5py.VirtualLayout(shape=(n,), dtype=bool)
-    lay_b = h5py.VirtualLayout(shape=(n,), dtype=bool)
-    for p, gi, _, shape, _ in metas:
-        name = os.path.relpath(Path(p).resolve(), out.resolve().parent)   # relative: the folder can move
-        src_f = h5py.VirtualSource(name, "features", shape=shape, dtype=dt)
-        src_d = h5py.VirtualSource(name, "done", shape=(shape[0],), dtype=bool)
-        src_b = h5py.VirtualSource(name, "bad", shape=(shape[0],), dtype=bool)
-        for a, b in _runs(gi):
-            g0, g1 = int(gi[a]), int(gi[a]) + (b - a)
-            lay_f[g0:g1] = src_f[a:b]
-            lay_d[g0:g1] = src_d[a:b]
-            lay_b[g0:g1] = src_b[a:b]
-    f.create_virtual_dataset("features", lay_f, fillvalue=0)
-    f.create_virtual_dataset("done", lay_d, fillvalue=False)   # a missing shard reads as "not done"
-    f.create_virtual_dataset("bad", lay_b, fillvalue=False)
-
-
-def _copy(f, metas, n: int, L: int, C: int, dtype: str, copy_rows: int) -> None:
-    import h5py
-    from . import store
-    store._create_features(f, (n, L, C), dtype)
-    done = np.zeros(n, bool)
-    bad = np.zeros(n, bool)
-    d = f["features"]
-    for p, gi, sbad, _, _ in metas:
-        with h5py.File(p, "r") as s:
-            src = s["features"]
-            for a, b in _runs(gi):
-                for i in range(a, b, copy_rows):
-                    j = min(b, i + copy_rows)
-                    g0 = int(gi[a]) + (i - a)
-                    d[g0:g0 + (j - i)] = src[i:j]
-        bad[gi] = sbad
-        done[gi] = True
-    f.create_dataset("bad", data=bad)
-    f.flush()
-    f.create_dataset("done", data=done)   # after the features, as in a single-process run
+def all_reduce_sum_(t):
+    """In place: the sum of `t` over ranks (no-op in one process). A collective: call on all ranks."""
+    import torch.distributed as dist
+    if current().distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

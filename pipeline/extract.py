@@ -13,13 +13,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .device import resolve_device
 from .errors import UserError
+from .fileio import FileLock, disk_error
 from .records import Record
+from .store import runs_of
 
 FLUSH_EVERY_S = 10.0      # at most this much finished work is lost on a crash
 
@@ -87,24 +89,46 @@ class _Writer(threading.Thread):
 
     Order per flush: features (and bad flags) are written and flushed first, then /done for those rows,
     then flushed again; a crash in between only loses rows, it never marks unwritten rows done.
+    If the writer fails (a full disk), `put` raises its error at once instead of blocking on the full
+    queue, and the rows it had finished writing are still marked done (best effort).
     """
+
+    POLL_S = 0.2
 
     def __init__(self, path: Path, dtype: str):
         super().__init__(daemon=True)
         self.path, self.dtype = path, np.dtype(dtype)
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
+        self.stopping = threading.Event()
+
+    def _send(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self.is_alive():
+                raise RuntimeError("the extraction writer thread stopped")
+            try:
+                self.q.put(item, timeout=self.POLL_S)
+                return
+            except queue.Full:
+                continue
 
     def put(self, rows: np.ndarray, feats: np.ndarray | None, bad: np.ndarray):
-        if self.error:
-            raise self.error
-        self.q.put((rows, feats, bad))
+        self._send((rows, feats, bad))
 
     def close(self):
-        self.q.put(None)
-        self.join()
-        if self.error:
+        """Write what is queued, commit, stop; raises the writer's error."""
+        if self.is_alive():
+            self._send(None)
+            self.join()
+        if self.error is not None:
             raise self.error
+
+    def abort(self):
+        """Stop without writing what is still queued (an error is propagating); never raises."""
+        self.stopping.set()
+        self.join(timeout=60)
 
     def run(self):
         import h5py
@@ -113,20 +137,30 @@ class _Writer(threading.Thread):
                 feats_d, done_d, bad_d = f["features"], f["done"], f["bad"]
                 pending: list[np.ndarray] = []
                 last = time.monotonic()
-                while True:
-                    item = self.q.get()
-                    if item is None:
-                        break
-                    rows, feats, bad = item         # rows (B,), feats (B, L, C) stored dtype, bad (B,)
-                    feats = feats.astype(self.dtype, copy=False)
-                    _write_rows(feats_d, rows, feats)
-                    for a, b in _runs(rows):        # set and clear: a retried image may now be fine
-                        if bad[a:b].any() or bad_d[int(rows[a]):int(rows[a]) + (b - a)].any():
-                            bad_d[int(rows[a]):int(rows[a]) + (b - a)] = bad[a:b]
-                    pending.append(rows)
-                    if time.monotonic() - last >= FLUSH_EVERY_S:
+                try:
+                    while not self.stopping.is_set():
+                        try:
+                            item = self.q.get(timeout=self.POLL_S)
+                        except queue.Empty:
+                            continue
+                        if item is None:
+                            break
+                        rows, feats, bad = item         # rows (B,), feats (B, L, C) stored dtype, bad (B,)
+                        _write_rows(feats_d, rows, feats.astype(self.dtype, copy=False))
+                        for a, b in runs_of(rows):      # set and clear: a retried image may now be fine
+                            r0 = int(rows[a])
+                            if bad[a:b].any() or bad_d[r0:r0 + (b - a)].any():
+                                bad_d[r0:r0 + (b - a)] = bad[a:b]
+                        pending.append(rows)
+                        if time.monotonic() - last >= FLUSH_EVERY_S:
+                            self._commit(f, done_d, pending)
+                            pending, last = [], time.monotonic()
+                except BaseException:
+                    try:                                # rows fully written before a failure stay done
                         self._commit(f, done_d, pending)
-                        pending, last = [], time.monotonic()
+                    except Exception:   # noqa: BLE001 - the first error is the one to report
+                        pass
+                    raise
                 self._commit(f, done_d, pending)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             self.error = e
@@ -136,26 +170,18 @@ class _Writer(threading.Thread):
         if not pending:
             return
         f.flush()                                   # features on disk first ...
-        rows = np.sort(np.concatenate(pending))
-        _write_mask(done_d, rows)
+        _write_mask(done_d, np.sort(np.concatenate(pending)))
         f.flush()                                   # ... then the done mask
-
-
-def _runs(rows: np.ndarray):
-    """Split sorted-or-not rows into (start_index, stop_index) runs of consecutive row numbers."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(rows)]])
-    return zip(starts, stops)
+        pending.clear()
 
 
 def _write_rows(d, rows: np.ndarray, feats: np.ndarray):
-    for a, b in _runs(rows):                        # contiguous slices: one HDF5 write per run
+    for a, b in runs_of(rows):                      # contiguous slices: one HDF5 write per run
         d[int(rows[a]):int(rows[a]) + (b - a)] = feats[a:b]
 
 
 def _write_mask(d, rows: np.ndarray):
-    for a, b in _runs(rows):
+    for a, b in runs_of(rows):
         d[int(rows[a]):int(rows[a]) + (b - a)] = True
 
 
@@ -196,34 +222,54 @@ def refresh_captions(out: Path, attrs: dict, provenance: dict, records: Sequence
               f"file's captions, features kept.")
 
 
+def lock_path(out: Path) -> Path:
+    """The lock an extraction holds while it writes OUT: a hidden file beside it (kept, empty, after)."""
+    return out.with_name(f".{out.name}.lock")
+
+
+def extractable(records: Sequence[Record], dataset: str) -> list[Record]:
+    """The records a cache holds: images with a split (Flickr8k has 91 in none), unique ids."""
+    records = [r for r in records if r.split]
+    if not records:
+        raise UserError(f"dataset {dataset}: no images with a split to extract.")
+    ids = [r.image_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"dataset {dataset}: duplicate image ids; the dataset reader must yield unique ids.")
+    return records
+
+
 def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbone: str,
             weights: str | None = None, weights_dir: str | Path = "weights", dtype: str = "float16",
             batch_size: int | None = None, workers: int | None = None, force: bool = False,
             skip_bad: bool = False, device: str = "auto", dataset_root: str | Path | None = None, progress: bool = True,
             max_batches: int | None = None) -> ExtractResult:
     """Fill (or resume) `out` with features of `records`. `max_batches` stops early (tests, benchmarks).
-    batch_size None: the backbone's `cpu_batch` on CPU, 32 on GPU."""
-    import h5py
-    import torch
-    from tqdm import tqdm
-    from . import store
-    from .backbones import load_backbone
-
+    batch_size None: the backbone's `cpu_batch` on CPU, 32 on GPU. One process at a time writes a
+    file: a second one is refused (`lock_path`) before it does any work."""
     out = Path(out)
     if dtype not in ("float16", "float32"):
         raise UserError(f"--dtype {dtype}: choose float16 or float32.")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1.")
-    records = [r for r in records if r.split]     # images without a split (Flickr8k: 91) are not cached
-    if not records:
-        raise UserError(f"dataset {dataset}: no images with a split to extract.")
-    ids = [r.image_id for r in records]
-    if len(set(ids)) != len(ids):
-        raise UserError(f"dataset {dataset}: duplicate image ids; the dataset reader must yield unique ids.")
+    records = extractable(records, dataset)
     missing = [str(r.path) for r in records if not Path(r.path).is_file()]
     if missing and not skip_bad:
         raise UserError(f"{len(missing)} image file(s) missing, e.g. {', '.join(missing[:5])}. "
                         f"Check --root, or pass --skip-bad to record them in /bad.")
+    with FileLock(lock_path(out), f"feature file {out}"):
+        return _extract(records, out, dataset=dataset, backbone=backbone, weights=weights,
+                        weights_dir=weights_dir, dtype=dtype, batch_size=batch_size, workers=workers, force=force,
+                        skip_bad=skip_bad, device=device, dataset_root=dataset_root, progress=progress,
+                        max_batches=max_batches)
+
+
+def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dtype, batch_size, workers, force,
+             skip_bad, device, dataset_root, progress, max_batches) -> ExtractResult:
+    import h5py
+    import torch
+    from tqdm import tqdm
+    from . import store
+    from .backbones import load_backbone
 
     dev = resolve_device(device)
     module, spec, sha = load_backbone(backbone, weights, weights_dir)
@@ -299,9 +345,15 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
                 bar.update(len(errs))
                 if bad:
                     bar.set_postfix(bad=len(bad))
+        writer.close()           # raises the writer's error (a full disk) after committing what it wrote
+    except OSError as e:         # the writer's I/O error: one line naming the file and the disk
+        writer.abort()
+        raise disk_error(out, e) from e
+    except BaseException:
+        writer.abort()           # never raises: the error that stopped us is the one reported
+        raise
     finally:
         bar.close()
-        writer.close()
     result.seconds = time.perf_counter() - t0
     result.bad = bad
     if bad and not skip_bad:
@@ -312,54 +364,102 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
     return result
 
 
-# ---- captioning new images -------------------------------------------------------------------------
+# ---- several processes (torchrun) ---------------------------------------------------------------
 
-_ENCODER_CACHE: dict = {}
+def _stale_shards(out: Path, world: int) -> list[Path]:
+    from .store import shard_paths
+    keep = set(shard_paths(out, world))
+    return sorted(p for p in out.parent.glob(f"{out.stem}.rank*-of*{out.suffix or '.h5'}") if p not in keep)
 
 
-def encode_images(images: list, provenance: dict, weights_dir: str | Path = "weights", *,
-                  weights: str | None = None, device: str = "auto", batch_size: int = 16) -> np.ndarray:
-    """PIL images -> (n, L, C) float32 features made exactly as the file with `provenance` was made.
-
-    The backbone and preprocessing come from the provenance; weights whose sha256 differs from the
-    recorded one are refused. Features are rounded through the stored dtype, like the cached ones.
-    """
-    import torch
+def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_dir, dtype, merge) -> str:
+    """'complete' when OUT exists, is complete and matches; 'run' when it should be (re)made."""
+    import h5py
     from . import store
-    from .backbones import get_spec, load_backbone
+    from .backbones import load_backbone
+    try:
+        attrs = store.read_attrs(out)
+        with h5py.File(out, "r") as f:
+            virtual = f["features"].is_virtual
+            done = f["done"][()]                 # a missing VDS source reads as fill value False
+    except (UserError, OSError, KeyError):
+        raise UserError(f"{out}: exists but is not a readable feature file. Use --force to overwrite it "
+                        f"or choose another --out.") from None
+    _, spec, sha = load_backbone(backbone, weights, weights_dir)
+    prov = make_provenance(spec, sha, dataset, records, dtype)
+    check_existing(out, attrs, prov, records)
+    if done.all():
+        if virtual and merge == "copy":
+            return "run"                  # vds -> copy: merge again (the merge writes the current captions)
+        refresh_captions(out, attrs, prov, records)
+        return "complete"
+    if not virtual:
+        raise UserError(f"{out}: an incomplete single-process extraction. Resume it with the same command "
+                        f"without torchrun, or pass --force to redo it with several processes.")
+    return "run"   # a merged VDS whose shards are missing or incomplete: redo/resume the shards
 
-    name = provenance.get("backbone")
-    spec = get_spec(name)
-    recorded = provenance.get("weights_sha256")
-    if recorded == "random":
-        raise UserError(f"the features were made with a randomly initialised {name}; "
-                        f"they cannot be reproduced for new images. Re-extract with real weights.")
-    if store._norm(provenance.get("preprocessing")) != store._norm(spec.preprocessing):
-        raise UserError(f"backbone {name}: this code's preprocessing {spec.preprocessing} differs from the "
-                        f"recorded {provenance.get('preprocessing')}; re-extract the features with this version.")
-    key = (name, weights, str(weights_dir), device)
-    if key not in _ENCODER_CACHE:          # caption.py calls this per image: build the backbone once
-        module, _, sha = load_backbone(name, weights, weights_dir)
-        dev = resolve_device(device)
-        _ENCODER_CACHE.clear()
-        _ENCODER_CACHE[key] = (module.to(dev).to(memory_format=torch.channels_last), dev, sha)
-    module, dev, sha = _ENCODER_CACHE[key]
-    if sha != recorded:
-        raise UserError(f"backbone {name}: weights sha256 {sha} differ from the {recorded} recorded in the "
-                        f"features' provenance. Use the same weights (--weights / {weights_dir}).")
-    stored = np.float16 if provenance.get("dtype", "float16") == "float16" else np.float32
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([spec.preprocess(im) for im in images[i:i + batch_size]])        # (B,3,H,W)
-            x = x.to(dev).contiguous(memory_format=torch.channels_last)
-            amp = getattr(torch, spec.amp) if (dev == "cuda" and spec.amp) else None
-            with torch.autocast(dev, dtype=amp, enabled=amp is not None):
-                y = module(x)
-            outs.append(y.float().flatten(2).transpose(1, 2).cpu().numpy().astype(stored))  # (B, L, C)
-    if not outs:
-        return np.zeros((0, spec.num_regions, spec.feature_dim), np.float32)
-    return np.concatenate(outs).astype(np.float32)
+
+def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str, merge: str = "vds",
+                        weights: str | None = None, weights_dir: str | Path = "weights",
+                        dtype: str = "float16", batch_size: int | None = None, workers: int | None = None,
+                        force: bool = False, skip_bad: bool = False, device: str = "auto",
+                        dataset_root: str | Path | None = None, progress: bool = True,
+                        echo: Callable[[str], None] = print):
+    """Extract `records` into OUT with every process of the torchrun group (call it on every rank).
+
+    Returns an extract.ExtractResult summed over the ranks (seconds: the slowest rank).
+    A single process (no process group) runs extract.extract unchanged.
+    """
+    from . import distributed, store
+    from .batching import shard
+
+    kw = dict(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, dtype=dtype,
+              batch_size=batch_size, skip_bad=skip_bad, device=device, dataset_root=dataset_root)
+    if merge not in ("vds", "copy"):
+        raise UserError(f"--merge {merge}: choose vds or copy.")
+    info = distributed.current()
+    if not info.distributed:
+        return extract(records, out, workers=workers, force=force, progress=progress, **kw)
+    out = Path(out)
+    records = extractable(records, dataset)
+    n = len(records)
+
+    def decide():
+        if info.is_main:
+            for p in _stale_shards(out, info.world_size):
+                echo(f"note: {p} is a shard of a run with another number of processes; it is not used "
+                     f"(delete it).")
+            if out.exists() and not force:
+                return _existing_final(out, records, dataset=dataset, backbone=backbone, weights=weights,
+                                       weights_dir=weights_dir, dtype=dtype, merge=merge)
+        return "run"
+    status = distributed.run_on_all_ranks(decide)[0]
+    if status == "complete":
+        return ExtractResult(out, n, 0)
+
+    rows = shard(n, info.rank, info.world_size)
+    mine = store.shard_path(out, info.rank, info.world_size)
+    if workers is None:    # share the node's CPUs between its processes
+        workers = max(1, min(8, ((os.cpu_count() or 2) - 1) // max(1, info.local_world_size)))
+
+    def work():
+        if not len(rows):
+            return (0, [], 0.0)
+        res = extract([records[i] for i in rows], mine, workers=workers, force=force,
+                      progress=progress and info.is_main, **kw)
+        store.write_global_index(mine, rows, info.rank, info.world_size, n, of=out.name)
+        return (res.computed, res.bad, res.seconds)
+    results = distributed.run_on_all_ranks(work)
+    result = ExtractResult(out, n, sum(r[0] for r in results), [b for r in results for b in r[1]],
+                           max(r[2] for r in results))
+
+    def do_merge():
+        if info.is_main:
+            used = [store.shard_path(out, r, info.world_size) for r in range(info.world_size)
+                    if len(shard(n, r, info.world_size))]
+            store.merge_shards(out, used, records, mode=merge, dataset_root=dataset_root)
+    distributed.run_on_all_ranks(do_merge)
+    return result
 
 
 # ---- info ------------------------------------------------------------------------------------------

@@ -28,50 +28,11 @@ Deviations from the paper are DecoderConfig options (defaults follow the paper u
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
-
-
-@dataclass
-class DecoderConfig:
-    embed_dim: int = 512            # m: word embedding size (E is V x m)
-    hidden_dim: int = 512           # n: LSTM units
-    attention_dim: int = 512        # width of the attention MLP (W_a, W_h are attention_dim x ·)
-    dropout: float = 0.5            # on the deep-output layer, before L_o
-    attention: str = "soft"         # "soft" (deterministic, 4.2) | "hard" (stochastic, 4.1)
-    alpha_c: float = 1.0            # lambda of the doubly stochastic penalty (eq. 14); 0 turns it off
-    gate: bool = True               # the scalar gate beta_t (4.2.1); False: z_t is the plain expectation
-    deep_output_tanh: bool = False  # deviation: the authors' code puts tanh before L_o; eq. 7 has none
-    # hard attention (4.1): the paper's variance reductions
-    hard_expected_prob: float = 0.5  # per caption, train with the expected context with this probability
-    baseline_decay: float = 0.9      # b_k = 0.9 b_{k-1} + 0.1 r_k
-    reinforce_weight: float = 1.0    # lambda_r in eq. 12
-    entropy_weight: float = 0.002    # lambda_e in eq. 12 (bonus on H[alpha_t], summed over steps)
-    reward_per_word: bool = True     # deviation: reward = log p(y|s,a) / T, so one baseline serves all
-                                     # caption lengths (buckets change length every batch)
-
-    def __post_init__(self):
-        if self.attention not in ("soft", "hard"):
-            raise UserError(f"attention must be 'soft' or 'hard', not {self.attention!r}.")
-        for k in ("embed_dim", "hidden_dim", "attention_dim"):
-            if int(getattr(self, k)) < 1:
-                raise UserError(f"{k} must be a positive integer, not {getattr(self, k)!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), not {self.dropout!r}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DecoderConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+from .config import DecoderConfig
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -185,15 +146,13 @@ class Decoder(nn.Module):
 
     def step(self, prev_tokens: torch.Tensor, state, ctx):
         """One deterministic step: prev_tokens (B,) -> (logprobs (B, V), alpha (B, L), (h, c))."""
-        emb = self.embed(prev_tokens)                                   # (B, E)
+        emb = self._drop(self.embed(prev_tokens), self.cfg.embed_dropout)   # (B, E)
         h, c, z, alpha, _ = self._cell(self.x_proj(emb), state, ctx)    # z (B, C), alpha (B, L)
-        logits = self._output(emb, torch.cat([h, z], 1))                # (B, V)
+        logits = self._output(emb, h, z)                                # (B, V)
         return F.log_softmax(_f32(logits), -1), alpha, (h, c)
 
-    @staticmethod
-    def reorder(state, ctx, idx: torch.Tensor):
-        """Select/reorder beams: every tensor of state and ctx along dim 0."""
-        return (tuple(s.index_select(0, idx) for s in state), tuple(t.index_select(0, idx) for t in ctx))
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return F.dropout(x, p, self.training) if p > 0 else x
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> dict:
@@ -205,23 +164,24 @@ class Decoder(nn.Module):
         """
         B, T = tokens.size(0), tokens.size(1) - 1
         state, ctx = self.init_state(feats)
-        emb = self.embed(tokens[:, :-1])                    # (B, T, E): E y_{t-1}
+        emb = self._drop(self.embed(tokens[:, :-1]), self.cfg.embed_dropout)   # (B, T, E): E y_{t-1}
         x_gates = self.x_proj(emb).unbind(1)                # T x (B, 4H): one matmul for all steps
         # (unbind, not x_gates[:, t]: each indexing would back-propagate a zero-filled (B, T, 4H))
         hard = self.cfg.attention == "hard" and self.training
         sampled = None
         if hard:  # per caption: sampled location (True) or expected context (False)
             sampled = torch.rand(B, device=feats.device) >= self.cfg.hard_expected_prob
-        hz, alphas, logp_s, ents = [], [], [], []
+        hs, zs, alphas, logp_s, ents = [], [], [], [], []
         for t in range(T):
             h, c, z, alpha, extra = self._cell(x_gates[t], state, ctx, sampled)
             state = (h, c)
-            hz.append(torch.cat([h, z], 1))                 # (B, H+C)
+            hs.append(h)                                    # (B, H)
+            zs.append(z)                                    # (B, C)
             alphas.append(alpha)
             if hard:
                 logp_s.append(extra[0])
                 ents.append(extra[1])
-        logits = self._output(emb, torch.stack(hz, 1))      # (B, T, V): one matmul for all steps
+        logits = self._output(emb, torch.stack(hs, 1), torch.stack(zs, 1))   # (B, T, V): one matmul for all steps
         out = {"logits": logits, "alphas": torch.stack(alphas, 1)}
         if hard:
             out.update(logp_s=torch.stack(logp_s, 1), entropy=torch.stack(ents, 1), sampled=sampled)
@@ -263,36 +223,42 @@ class Decoder(nn.Module):
             extra = (logp, ent)
         if cfg.gate:
             z = z * torch.sigmoid(hp[:, A:A + 1])                       # beta_t, a scalar per caption
-        gates = x_gate + hp[:, A + 1:] + self.z_proj(z)                 # (B, 4H) in order [i, f, o, g]
+        gates = x_gate + hp[:, A + 1:] + self.z_proj(self._drop(z, cfg.context_dropout))   # (B, 4H): [i, f, o, g]
         ifo = torch.sigmoid(gates[:, :3 * H])
         g = torch.tanh(gates[:, 3 * H:])
         c = ifo[:, H:2 * H] * c + ifo[:, :H] * g
         h = ifo[:, 2 * H:] * torch.tanh(c)
         return h, c, z, alpha, extra
 
-    def _output(self, emb, hz):
-        """Deep output: logits = L_o(dropout(E y_{t-1} + L_h h_t + L_z z_t)). emb (.., E), hz (.., H+C)."""
-        x = emb + self.out_hz(hz)
+    def _output(self, emb, h, z):
+        """Deep output: logits = L_o(dropout(E y_{t-1} + L_h h_t + L_z z_t)). emb (.., E), h (.., H), z (.., C)."""
+        x = emb + self.out_hz(torch.cat([self._drop(h, self.cfg.hidden_dropout), z], -1))
         if self.cfg.deep_output_tanh:
             x = torch.tanh(x)
         return self.out(self.drop(x))
 
     # -- the loss ----------------------------------------------------------------------------
-    def loss(self, out: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, out: dict, tokens: torch.Tensor, *, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
         """Training objective for one batch (see the module docstring for the exact reduction).
 
-        Returns (loss scalar, parts) where parts are detached scalars: nll (per word), reg, and for
-        hard attention the reward/baseline terms. No host sync happens here.
+        label_smoothing: the per-word term is cross-entropy against (1 - eps) one-hot + eps uniform
+        (Szegedy et al. 2016); 0 gives the plain NLL.
+        Returns (loss scalar, parts) where parts are detached: nll (per word, never smoothed), reg, and
+        for hard attention the mean reward of the sampled captions, their reward sum and count (for
+        `update_baseline`, which the caller runs after the loss: the advantage uses the old baseline).
+        No host sync happens here.
         """
         cfg = self.cfg
         logits, alphas = out["logits"], out["alphas"]           # (B, T, V), (B, T, L)
         B, T = tokens.size(0), tokens.size(1) - 1
         target = tokens[:, 1:]                                  # (B, T)
-        nll_bt = F.cross_entropy(_f32(logits).reshape(B * T, -1), target.reshape(-1),
-                                 reduction="none").view(B, T)   # (B, T)
+        flat = _f32(logits).reshape(B * T, -1)
+        nll_bt = F.cross_entropy(flat, target.reshape(-1), reduction="none").view(B, T)   # (B, T)
         nll = nll_bt.mean()
+        word = nll if label_smoothing == 0 else F.cross_entropy(flat, target.reshape(-1),
+                                                                label_smoothing=label_smoothing)
         reg = ((1.0 - alphas.sum(1)) ** 2).sum(1).mean() / T if cfg.alpha_c > 0 else nll.new_zeros(())
-        loss = nll + cfg.alpha_c * reg
+        loss = word + cfg.alpha_c * reg
         parts = {"nll": nll.detach(), "reg": reg.detach()}
         if "logp_s" in out:
             # eq. 12: lambda_r (log p(y|s,a) - b) d log p(s|a) + lambda_e d H[s], for sampled captions.
@@ -305,14 +271,64 @@ class Decoder(nn.Module):
             reinforce = -(adv * out["logp_s"].sum(1)).sum() / (B if cfg.reward_per_word else B * T)
             entropy = (out["entropy"].sum(1) * mask).sum() / (B * T)
             loss = loss + cfg.reinforce_weight * reinforce - cfg.entropy_weight * entropy
-            with torch.no_grad():  # b_k = decay b_{k-1} + (1 - decay) mean reward, on device
-                n = mask.sum()
-                mean_r = (reward * mask).sum() / n.clamp_min(1.0)
-                new_b = cfg.baseline_decay * self.baseline + (1 - cfg.baseline_decay) * mean_r
-                self.baseline.copy_(torch.where(n > 0, new_b, self.baseline))
-            parts.update(reward=(reward * mask).sum().detach() / mask.sum().clamp_min(1.0),
-                         baseline=self.baseline.detach().clone())
+            parts.update(reward=(reward * mask).sum() / mask.sum().clamp_min(1.0), reward_sum=(reward * mask).sum(),
+                         reward_n=mask.sum())
         return loss, parts
+
+    @torch.no_grad()
+    def update_baseline(self, reward_sum: torch.Tensor, n: torch.Tensor, all_reduce=None) -> None:
+        """Hard attention's moving baseline: b_k = decay b_{k-1} + (1 - decay) mean reward of the sampled
+        captions. all_reduce(t) sums over processes in place (DDP): the mean is over every rank's captions."""
+        tot = torch.stack([reward_sum, n]).float()
+        if all_reduce is not None:
+            all_reduce(tot)
+        new_b = self.cfg.baseline_decay * self.baseline + (1 - self.cfg.baseline_decay) * tot[0] / tot[1].clamp_min(1.0)
+        self.baseline.copy_(torch.where(tot[1] > 0, new_b, self.baseline))
+
+    # -- sampling (self-critical training) -----------------------------------------------------
+    def sample(self, feats: torch.Tensor, n: int, max_len: int, *, greedy: bool = False) -> dict:
+        """Draw `n` captions per image from the model as it is (train mode: dropout on; hard attention
+        samples locations as in training). feats (B, L, C).
+
+        Returns, for B*n captions (row b*n + k is sample k of image b), T <= max_len + 1 steps:
+          tokens (B*n, T) word ids (<end> included when drawn, <pad> after), mask (B*n, T) 1.0 for the
+          tokens that belong to the caption, logp (B*n, T) log p(w_t | w_<t, a) with gradient, and
+          for hard attention logp_s (B*n, T) log alpha_t[s_t] (0 for expected-context captions),
+          entropy (B*n, T) H[alpha_t], sampled (B*n,) which captions sampled their locations.
+        greedy: arg-max words instead of samples (the SCST greedy baseline, with n = 1).
+        """
+        from .text import Vocab
+        state, ctx = self.init_state(feats)
+        B = feats.size(0)
+        rep = torch.arange(B, device=feats.device).repeat_interleave(n)        # (B*n,) image of each row
+        state = tuple(s.index_select(0, rep) for s in state)
+        ctx = tuple(c.index_select(0, rep) for c in ctx)                       # one ctx row per caption
+        hard = self.cfg.attention == "hard" and self.training
+        sampled = torch.rand(B * n, device=feats.device) >= self.cfg.hard_expected_prob if hard else None
+        prev = torch.full((B * n,), Vocab.start, dtype=torch.long, device=feats.device)
+        alive = torch.ones(B * n, dtype=torch.bool, device=feats.device)
+        toks, masks, logps, logp_s, ents = [], [], [], [], []
+        for _ in range(max_len + 1):
+            emb = self._drop(self.embed(prev), self.cfg.embed_dropout)          # (B*n, E)
+            h, c, z, _, extra = self._cell(self.x_proj(emb), state, ctx, sampled)
+            state = (h, c)
+            logp_all = F.log_softmax(_f32(self._output(emb, h, z)), -1)         # (B*n, V)
+            w = logp_all.argmax(1) if greedy else torch.multinomial(logp_all.detach().exp(), 1).squeeze(1)
+            w = torch.where(alive, w, torch.full_like(w, Vocab.pad))
+            masks.append(alive.float())
+            toks.append(w)
+            logps.append(logp_all.gather(1, w[:, None]).squeeze(1))
+            if hard:
+                logp_s.append(extra[0] * sampled.float())
+                ents.append(extra[1])
+            alive = alive & (w != Vocab.end)
+            prev = w
+            if not bool(alive.any()):
+                break
+        out = {"tokens": torch.stack(toks, 1), "mask": torch.stack(masks, 1), "logp": torch.stack(logps, 1)}
+        if hard:
+            out.update(logp_s=torch.stack(logp_s, 1), entropy=torch.stack(ents, 1), sampled=sampled)
+        return out
 
 
 def count_flops(cfg: DecoderConfig, vocab_size: int, feature_dim: int, num_regions: int,

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError
-from .viz import flatten, plot_bleu4, read_log
+from .runs import read_config, read_log
+from .viz import plot_bleu4
 
 COLUMNS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -18,48 +19,19 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def _first(d: dict, *keys, default=None):
-    flat = flatten(d) if d else {}
-    for k in keys:
-        for fk, v in flat.items():
-            if fk == k or fk.endswith("." + k):
-                if v not in (None, ""):
-                    return v
-    return default
-
-
 def run_row(run_dir: Path) -> dict:
-    """What the report shows for one run; absent pieces stay None."""
-    cfg = _json(run_dir / "config.json")
+    """What the report shows for one run, from the files train.py and score.py write (runs.py);
+    absent pieces stay None."""
+    cfg = read_config(run_dir)
+    provs = [f.get("provenance") or {} for f in cfg.get("features") or []]
     log = read_log(run_dir)
-    row = {
-        "run": run_dir.name,
-        "dataset": _first(cfg, "dataset"),       # config.json: provenance.dataset (or a top-level key)
-        "backbone": _first(cfg, "backbone"),
-        "attention": _first(cfg, "attention"),
-        "epochs": None, "minutes": None, "beam": None, "val": {}, "test": {},
-    }
-    if log:
-        last = flatten(log[-1])
-        row["epochs"] = last.get("epoch", len(log))
-        for k in ("minutes", "elapsed_min", "wall_minutes"):
-            if isinstance(last.get(k), (int, float)):
-                row["minutes"] = last[k]
-                break
-        else:
-            per_epoch = [sum(v for k, v in flatten(r).items() if k in ("train_s", "val_s") and isinstance(v, (int, float)))
-                         for r in log]
-            if any(per_epoch):   # train.py logs train_s + val_s per epoch
-                row["minutes"] = sum(per_epoch) / 60
-        if row["minutes"] is None:
-            for k in ("elapsed", "elapsed_s", "seconds", "wall_s", "time", "epoch_time", "epoch_seconds"):
-                vals = [flatten(r).get(k) for r in log]
-                vals = [v for v in vals if isinstance(v, (int, float))]
-                if vals:
-                    # cumulative clocks only grow; per-epoch durations are summed
-                    total = vals[-1] if vals == sorted(vals) and k.startswith(("elapsed", "wall")) else sum(vals)
-                    row["minutes"] = total / 60
-                    break
+    row = {"run": run_dir.name,
+           "dataset": provs[0].get("dataset") if provs else None,
+           "backbone": "+".join(str(p.get("backbone")) for p in provs) or None,   # several: a fused run
+           "attention": (cfg.get("decoder") or {}).get("attention"),
+           "epochs": log[-1].get("epoch") if log else None,
+           "minutes": sum((r.get("train_s") or 0) + (r.get("val_s") or 0) for r in log) / 60 if log else None,
+           "beam": None, "val": {}, "test": {}}
     for split in ("val", "test"):
         s = _json(run_dir / f"scores_{split}.json")
         if s:

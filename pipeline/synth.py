@@ -64,18 +64,25 @@ class SynthConfig:
 
 # ---- object words (used by scoring) -------------------------------------------------------------
 
-def objects_named_by(word: str, objects: list[dict]) -> list[list[int]]:
-    """Boxes of the objects a caption word names ("red" -> all red objects, "circles" -> all circles).
-
-    Words that name no object (articles, sizes, positions) give [].
-    """
+def object_word(word: str) -> tuple[str, str] | None:
+    """("color", "red") / ("shape", "circle") for a word naming objects ("circles" -> circle), else None."""
     word = word.lower()
-    singular = {p: s for s, p in PLURALS.items()}.get(word, word)
     if word in COLORS:
-        return [list(o["box"]) for o in objects if o["color"] == word]
-    if singular in SHAPES:
-        return [list(o["box"]) for o in objects if o["shape"] == singular]
-    return []
+        return "color", word
+    singular = {p: s for s, p in PLURALS.items()}.get(word, word)
+    return ("shape", singular) if singular in SHAPES else None
+
+
+def objects_named_by(word: str, objects: list[dict]) -> list[dict]:
+    """The objects a caption word names ("red" -> all red objects, "circles" -> all circles).
+
+    Words that name no object (articles, sizes, counts) give [].
+    """
+    named = object_word(word)
+    if named is None:
+        return []
+    kind, value = named
+    return [o for o in objects if str(o[kind]).lower() == value]
 
 
 # ---- drawing ------------------------------------------------------------------------------------

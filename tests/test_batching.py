@@ -1,7 +1,6 @@
 from collections import Counter
 
 import numpy as np
-import pytest
 
 from pipeline.batching import BucketBatchSampler, select_lengths
 

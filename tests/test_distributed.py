@@ -1,4 +1,4 @@
-"""Distributed paths (issue 7): sharding, the distributed bucket sampler, shard merge, and 2-process
+"""Distributed paths: sharding, the distributed batch sampler, shard merge, and 2-process
 runs with torch.multiprocessing.spawn on CPU (gloo, 127.0.0.1 only). Kept tiny: 2 processes, a
 few images/captions, 1 thread each."""
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 
 from pipeline import distributed as D
 from pipeline import store
-from pipeline.batching import BucketBatchSampler
+from pipeline.batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler, shard
 from pipeline.errors import UserError
+from pipeline.extract import extract_distributed
 from pipeline.records import Record
 
 
@@ -96,13 +97,13 @@ def same_file(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
 def test_shard_disjoint_covering_balanced(n, world):
     idx = np.arange(100, 100 + n)
-    parts = [D.shard(idx, r, world) for r in range(world)]
+    parts = [shard(idx, r, world) for r in range(world)]
     assert np.array_equal(np.concatenate(parts), idx)               # covering, disjoint, in order
     assert max(map(len, parts)) - min(map(len, parts)) <= 1         # balanced
-    assert all(np.array_equal(D.shard(idx, r, world), parts[r]) for r in range(world))  # deterministic
-    assert np.array_equal(D.shard(n, 0, world), D.shard(np.arange(n), 0, world))
+    assert all(np.array_equal(shard(idx, r, world), parts[r]) for r in range(world))  # deterministic
+    assert np.array_equal(shard(n, 0, world), shard(np.arange(n), 0, world))
     with pytest.raises(ValueError):
-        D.shard(idx, world, world)
+        shard(idx, world, world)
 
 
 # ---- sampler ----------------------------------------------------------------------------------------
@@ -115,16 +116,19 @@ def _lengths(seed=0, n=300):
     return lengths
 
 
+def _dist(lengths, batch_size, seed, rank=0, world=1):
+    return DistributedBatchSampler(BucketBatchSampler(lengths, batch_size, seed=seed), rank=rank, world_size=world)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("batch_size", [1, 5, 8])
 def test_sampler_exact_coverage_same_length_per_step(world, batch_size):
     lengths = _lengths()
-    ranks = [D.DistributedBucketSampler(lengths, batch_size, seed=3, rank=r, world_size=world)
-             for r in range(world)]
+    ranks = [_dist(lengths, batch_size, 3, r, world) for r in range(world)]
     single = BucketBatchSampler(lengths, batch_size, seed=3)
     for epoch in (0, 1):
-        steps = [s.steps(epoch) for s in ranks]
-        n_steps = {len(b) for b, _ in steps}
+        steps = [s.plan(epoch) for s in ranks]
+        n_steps = {len(b) for b, _, _ in steps}
         assert n_steps == {len(ranks[0])} == {len(single)}              # same number of steps everywhere
         seen = Counter()
         for k in range(len(ranks[0])):
@@ -136,30 +140,38 @@ def test_sampler_exact_coverage_same_length_per_step(world, batch_size):
             assert w.sum() == pytest.approx(world)                       # mean of weighted means = mean
             real = np.concatenate([p for p, wr in zip(parts, w) if wr > 0])
             assert np.array_equal(np.sort(real), np.sort(single.batches(epoch)[k]))  # = single-process batch
+            assert steps[0][2][k] == len(real)                           # items per step over all ranks
             seen.update(real.tolist())
         assert sorted(seen) == list(range(len(lengths))) and set(seen.values()) == {1}   # exactly once
 
 
 def test_sampler_deterministic_and_world1_is_single_process():
     lengths = _lengths(1)
-    a = D.DistributedBucketSampler(lengths, 8, seed=1, rank=1, world_size=3)
-    b = D.DistributedBucketSampler(lengths, 8, seed=1, rank=1, world_size=3)
+    a, b = _dist(lengths, 8, 1, 1, 3), _dist(lengths, 8, 1, 1, 3)
     same = lambda x, y: len(x) == len(y) and all(np.array_equal(p, q) for p, q in zip(x, y))
-    assert same(a.batches(2), b.batches(2))
-    assert not same(a.batches(2), a.batches(3))
-    assert not same(a.batches(2), D.DistributedBucketSampler(lengths, 8, seed=2, rank=1, world_size=3).batches(2))
-    one = D.DistributedBucketSampler(lengths, 8, seed=1)
-    one.set_epoch(4)
-    assert same([np.array(x) for x in one], BucketBatchSampler(lengths, 8, seed=1).batches(4))
-    assert (one.weights(4) == 1).all()
+    assert same(a.plan(2)[0], b.plan(2)[0])
+    assert not same(a.plan(2)[0], a.plan(3)[0])
+    assert not same(a.plan(2)[0], _dist(lengths, 8, 2, 1, 3).plan(2)[0])
+    batches, weights, _ = _dist(lengths, 8, 1).plan(4)
+    assert same(batches, BucketBatchSampler(lengths, 8, seed=1).batches(4)) and set(weights) == {1.0}
 
 
 def test_sampler_filler_has_zero_weight():
     lengths = [5] * 4 + [9]                    # length 9: one caption for 3 ranks
-    steps = [D.DistributedBucketSampler(lengths, 4, seed=0, rank=r, world_size=3).steps(0) for r in range(3)]
+    steps = [_dist(lengths, 4, 0, r, 3).plan(0) for r in range(3)]
     k = next(i for i, b in enumerate(steps[0][0]) if lengths[b[0]] == 9)
     assert [s[1][k] for s in steps] == [3.0, 0.0, 0.0]
     assert all(s[0][k].tolist() == [4] for s in steps)
+
+
+def test_image_batches_cover_every_image_once_per_epoch():
+    s = ImageBatchSampler(np.arange(100, 123), 5, seed=2)
+    for epoch in (0, 1):
+        b = s.batches(epoch)
+        assert len(b) == len(s) == 5 and sorted(np.concatenate(b).tolist()) == list(range(23))
+    assert not all(np.array_equal(x, y) for x, y in zip(s.batches(0), s.batches(1)))
+    parts = [DistributedBatchSampler(s, rank=r, world_size=2).plan(0)[0] for r in range(2)]
+    assert sorted(np.concatenate(parts[0] + parts[1]).tolist()) == list(range(23))
 
 
 # ---- shard merge (no processes) -----------------------------------------------------------------------
@@ -200,13 +212,13 @@ def test_merge_vds_and_copy_equal_single_file(tmp_path, world):
     out.parent.mkdir()
     shards = []
     for r in range(world):
-        rows = D.shard(n, r, world)
-        p = D.shard_path(out, r, world)
+        rows = shard(n, r, world)
+        p = store.shard_path(out, r, world)
         _write(p, [recs[i] for i in rows], feats[rows], bad[rows])
-        D.write_global_index(p, rows, r, world, n, of=out.name)
+        store.write_global_index(p, rows, r, world, n, of=out.name)
         shards.append(p)
     assert shards[0].name == f"out.rank0-of{world}.h5"
-    D.merge_shards(out, shards, recs, mode="vds")
+    store.merge_shards(out, shards, recs, mode="vds")
     with h5py.File(out, "r") as f:
         assert f["features"].is_virtual and f["done"].is_virtual and not f["captions"].is_virtual
         assert all(not os.path.isabs(m.file_name) for m in f["features"].virtual_sources())
@@ -219,7 +231,7 @@ def test_merge_vds_and_copy_equal_single_file(tmp_path, world):
     shutil.move(out.parent, moved)
     same_file(ref, moved / "out.h5")
     copy = moved / "copy.h5"
-    D.merge_shards(copy, [moved / p.name for p in shards], recs, mode="copy")
+    store.merge_shards(copy, [moved / p.name for p in shards], recs, mode="copy")
     with h5py.File(copy, "r") as f:
         assert not f["features"].is_virtual
     for p in shards:
@@ -236,17 +248,17 @@ def test_merge_refuses_incomplete_or_overlapping_shards(tmp_path):
     out = tmp_path / "out.h5"
     ps = []
     for r in range(2):
-        rows = D.shard(n, r, 2)
-        p = D.shard_path(out, r, 2)
+        rows = shard(n, r, 2)
+        p = store.shard_path(out, r, 2)
         _write(p, [recs[i] for i in rows], feats[rows])
-        D.write_global_index(p, rows, r, 2, n)
+        store.write_global_index(p, rows, r, 2, n)
         ps.append(p)
     with pytest.raises(UserError, match="exactly once"):
-        D.merge_shards(out, [ps[0], ps[0]], recs)
+        store.merge_shards(out, [ps[0], ps[0]], recs)
     with h5py.File(ps[1], "r+") as f:
         f["done"][0] = False
     with pytest.raises(UserError, match="incomplete"):
-        D.merge_shards(out, ps, recs)
+        store.merge_shards(out, ps, recs)
     assert not out.exists()
 
 
@@ -278,19 +290,19 @@ def _extract_worker(rank, world, port, root, out, merge, reference):
     info = D.init_from_env()
     assert info.world_size == world and info.rank == rank and info.backend == "gloo"
     try:
-        res = D.extract_distributed(recs, out, merge=merge, echo=lambda s: None, **kw)
+        res = extract_distributed(recs, out, merge=merge, echo=lambda s: None, **kw)
         assert res.computed == 11 and res.total == 11         # 14 images, 3 in no split
         # Resume per shard: forget 2 rows of shard 1, delete OUT; the re-run computes those 2 rows only.
         D.barrier()
         if rank == 0:
-            with h5py.File(D.shard_path(out, 1, world), "r+") as f:
+            with h5py.File(store.shard_path(out, 1, world), "r+") as f:
                 f["done"][1:3] = False
                 f["features"][1:3] = 0
             out.unlink()
         D.barrier()
-        res = D.extract_distributed(recs, out, merge=merge, echo=lambda s: None, **kw)
+        res = extract_distributed(recs, out, merge=merge, echo=lambda s: None, **kw)
         assert res.computed == 2
-        res = D.extract_distributed(recs, out, merge=merge, echo=lambda s: None, **kw)
+        res = extract_distributed(recs, out, merge=merge, echo=lambda s: None, **kw)
         assert res.computed == 0                              # complete: nothing to do
         if rank == 0:
             extract(recs, reference, **kw)                    # single-process reference
@@ -303,8 +315,9 @@ def test_two_process_extraction_equals_single_process(tmp_path, merge):
     out, ref = tmp_path / "feats" / "syn.h5", tmp_path / "ref.h5"
     spawn(_extract_worker, 2, str(tmp_path / "data"), str(out), merge, str(ref))
     same_file(ref, out)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["syn.h5", "syn.rank0-of2.h5", "syn.rank1-of2.h5"]
-    with h5py.File(D.shard_path(out, 1, 2), "r") as f:
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == \
+        ["syn.h5", "syn.rank0-of2.h5", "syn.rank1-of2.h5"]
+    with h5py.File(store.shard_path(out, 1, 2), "r") as f:
         assert f["global_index"][()].tolist() == list(range(6, 11))
     assert store.FeatureStore.open(out).num_images == 11
 
@@ -317,7 +330,7 @@ def _bad_image_worker(rank, world, port, root, out, result):
     recs[6].path.write_bytes(b"not an image")            # in rank 1's shard
     D.init_from_env()
     try:
-        D.extract_distributed(recs, out, dataset="syn", backbone="dtiny", workers=0, progress=False,
+        extract_distributed(recs, out, dataset="syn", backbone="dtiny", workers=0, progress=False,
                               echo=lambda s: None)
     except UserError as e:
         Path(f"{result}.{rank}").write_text(str(e))
@@ -330,7 +343,7 @@ def test_error_on_one_rank_stops_every_rank_without_merge(tmp_path):
     spawn(_bad_image_worker, 2, str(tmp_path / "data"), str(out), str(result))
     assert "could not be read" in Path(f"{result}.1").read_text()
     assert "rank 1:" in Path(f"{result}.0").read_text() and "006.png" in Path(f"{result}.0").read_text()
-    assert not out.exists() and D.shard_path(out, 0, 2).exists()
+    assert not out.exists() and store.shard_path(out, 0, 2).exists()
 
 
 # ---- 2 processes: DDP gradient averaging = mean loss over the whole batch -------------------------------
@@ -344,44 +357,69 @@ def _toy_data(n=23, L=4, C=6, V=12, seed=0):
     return lengths, tokens, feats
 
 
-def _toy_train(rank, world, steps, batch_size, ddp):
+def _toy_train(rank, world, steps, batch_size, ddp, attention="soft"):
+    """`steps` optimizer steps of the decoder on toy data, as rank `rank` of `world` DDP processes
+    (ddp=True), or as ONE process that computes every rank's part of each step in turn (ddp=False):
+    gradients summed with the DDP weights / W, hard attention's samples drawn with each rank's seed
+    for its part, and one baseline update per step over all parts' captions."""
     from pipeline.model import Decoder, DecoderConfig
+    from pipeline.objectives import CrossEntropy
     lengths, tokens, feats = _toy_data()
     torch.manual_seed(0)
-    model = Decoder(DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0), 12, 6).double()
+    model = Decoder(DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0, attention=attention,
+                                  hard_expected_prob=0.3), 12, 6).double()
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sampler = D.DistributedBucketSampler(lengths, batch_size, seed=0, rank=rank, world_size=world)
-    batches, weights = sampler.steps(0)
+    ranks = [rank] if ddp else range(world)
+    plans = {r: DistributedBatchSampler(BucketBatchSampler(lengths, batch_size, seed=0), rank=r,
+                                        world_size=world).plan(0) for r in ranks}
+    xe = CrossEntropy(all_reduce=D.all_reduce_sum_ if ddp else None)
     for k in range(steps):
-        idx = batches[k]
-        x = torch.from_numpy(feats[idx]).double()
-        y = torch.from_numpy(np.stack([tokens[i] for i in idx]))
-        loss, _ = model.loss(net(x, y), y)
         opt.zero_grad()
-        (loss * float(weights[k])).backward()
+        tot = torch.zeros(2, dtype=torch.float64)
+        for r in ranks:
+            idx, w = plans[r][0][k], float(plans[r][1][k])
+            x = torch.from_numpy(feats[idx]).double()
+            y = torch.from_numpy(np.stack([tokens[i] for i in idx]))
+            torch.manual_seed(1000 * k + r)                  # the samples of rank r's part at step k
+            if ddp:                                          # what train.train_one_epoch does
+                loss, _ = xe(net, model, (x, y), torch.device("cpu"), False, w)
+                (loss * w).backward()
+            else:                                            # the same computation in one process
+                loss, parts = model.loss(model(x, y), y)
+                (loss * w / world).backward()
+                if "reward_sum" in parts and w > 0:
+                    tot += torch.stack([parts["reward_sum"], parts["reward_n"]]).double()
+        if not ddp and attention == "hard":
+            model.update_baseline(tot[0], tot[1])
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)   # clipping sees the averaged gradient
         opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ddp_worker(rank, world, port, out, steps, batch_size):
+def _ddp_worker(rank, world, port, out, steps, batch_size, attention):
     set_dist_env(rank, world, port)
     D.init_from_env()
     try:
-        state = _toy_train(rank, world, steps, batch_size, ddp=True)
+        state = _toy_train(rank, world, steps, batch_size, ddp=True, attention=attention)
         if D.is_main():
             torch.save(state, out)
     finally:
         D.cleanup()
 
 
-def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path, attention):
+    """Soft: DDP's averaged gradient is the gradient of the mean loss over the whole batch. Hard: the
+    same, and the REINFORCE moving baseline is updated from every rank's captions (an all-reduce), not
+    from rank 0's share that DDP would broadcast."""
     lengths, _, _ = _toy_data()
     n_steps = len(BucketBatchSampler(lengths, 5, seed=0))       # a whole epoch: odd sizes and a filler
-    ref = _toy_train(0, 1, n_steps, 5, ddp=False)
-    spawn(_ddp_worker, 2, str(tmp_path / "ddp.pt"), n_steps, 5)
+    ref = _toy_train(0, 2, n_steps, 5, ddp=False, attention=attention)
+    spawn(_ddp_worker, 2, str(tmp_path / "ddp.pt"), n_steps, 5, attention)
     got = torch.load(tmp_path / "ddp.pt")
+    if attention == "hard":
+        assert ref["baseline"].item() != 0.0
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=1e-9, atol=1e-10, msg=k)
 
@@ -389,9 +427,8 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
 # ---- 2 processes: pipeline.train with DDP -------------------------------------------------------------
 
 def _train_args(feats, **kw):
-    from pipeline.model import DecoderConfig
-    from pipeline.train import TrainConfig
-    cfg = TrainConfig(**dict(dict(features=str(feats), epochs=2, batch_size=7, min_count=1, lr=3e-3,
+    from pipeline.config import DecoderConfig, TrainConfig
+    cfg = TrainConfig(**dict(dict(features=(str(feats),), epochs=2, batch_size=7, min_count=1, lr=3e-3,
                                   log_every=1000, device="cpu"), **kw))
     return cfg, DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0)
 

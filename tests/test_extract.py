@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline import backbones, store
 from pipeline.errors import UserError
-from pipeline.extract import encode_images, extract, info
+from pipeline.extract import extract, info
 from pipeline.records import Record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,22 +243,6 @@ def test_bad_images_error_then_skip_bad(tmp_path, tiny):
         run(recs, tmp_path / "g.h5")
 
 
-def test_encode_images_matches_cache_and_checks_weights(tmp_path, tiny, monkeypatch):
-    recs = make_records(tmp_path, n=5)
-    out = tmp_path / "f.h5"
-    run(recs, out)
-    st = store.FeatureStore.open(out)
-    kept = [r for r in recs if r.split]
-    feats = encode_images([Image.open(r.path) for r in kept], st.attrs, tmp_path)
-    assert feats.dtype == np.float32 and feats.shape == (len(kept), 196, 8)
-    np.testing.assert_array_equal(feats, st.load_features().astype(np.float32))
-    prov = dict(st.attrs, weights_sha256="something-else")
-    with pytest.raises(UserError, match="sha256"):
-        encode_images([Image.open(kept[0].path)], prov, tmp_path)
-    with pytest.raises(UserError, match="preprocessing"):
-        encode_images([Image.open(kept[0].path)], dict(st.attrs, preprocessing={"resize": [1, 1]}), tmp_path)
-
-
 def test_cli_extract_and_info(tmp_path, monkeypatch):
     """The click layer: a user mistake is one line on stderr and exit 2."""
     from click.testing import CliRunner
@@ -267,3 +251,80 @@ def test_cli_extract_and_info(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "unknown dataset" in r.output
     r = CliRunner().invoke(main, ["info", str(tmp_path / "missing.h5")])
     assert r.exit_code == 2 and "no such feature file" in r.output
+
+
+# ---- faults: a dying writer, a second process, text HDF5 cannot hold -----------------------------------
+
+def _in_thread(fn, timeout=120):
+    """fn() in a daemon thread: (result or exception); fails the test instead of hanging it."""
+    import threading
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:   # noqa: BLE001
+            box["error"] = e
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"hung for {timeout} s"
+    return box
+
+
+def test_full_disk_stops_extraction_with_one_error_and_keeps_finished_rows(tmp_path, tiny, monkeypatch):
+    """The writer dies on a full disk while the queue is full: the extraction must stop with the
+    writer's error (not block in put / close for ever), naming the disk, with the rows it finished."""
+    import errno
+    import pipeline.extract as ex
+    real, calls = ex._write_rows, []
+
+    def failing(d, rows, feats):
+        calls.append(len(rows))
+        if len(calls) >= 3:
+            time.sleep(1.0)              # meanwhile the main thread fills the queue
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(d, rows, feats)
+    monkeypatch.setattr(ex, "_write_rows", failing)
+    monkeypatch.setattr(ex._Writer, "POLL_S", 0.05)
+    recs = make_records(tmp_path, n=40)
+    out = tmp_path / "f.h5"
+    box = _in_thread(lambda: run(recs, out, batch_size=1))       # 30 batches: the queue (8) fills up
+    assert isinstance(box.get("error"), UserError), box
+    msg = str(box["error"])
+    assert str(out) in msg and "disk is full" in msg and "MiB free" in msg
+    done = store.FeatureStore.open(out, require_complete=False).done
+    assert done.sum() == 2                                        # the two rows written before the failure
+    monkeypatch.setattr(ex, "_write_rows", real)
+    res = run(recs, out, batch_size=4)                            # space freed: the same command resumes
+    assert res.computed == len([r for r in recs if r.split]) - 2
+
+
+def test_first_error_is_reported_not_the_writers(tmp_path, tiny, monkeypatch):
+    """A crash in the main loop while the writer has failed too: the crash is what the user sees."""
+    import pipeline.extract as ex
+    monkeypatch.setattr(ex, "_write_rows", lambda d, rows, feats: (_ for _ in ()).throw(OSError("writer broke")))
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec(fail_after=1, delay=0.2))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(make_records(tmp_path, n=10), tmp_path / "f.h5")
+
+
+def test_second_extraction_of_one_file_is_refused_before_any_work(tmp_path, tiny, monkeypatch):
+    from pipeline.fileio import FileLock
+    out = tmp_path / "f.h5"
+    built = []
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: built.append(1))
+    from pipeline.extract import lock_path
+    with FileLock(lock_path(out), "test"):                          # another process holds the file
+        with pytest.raises(UserError, match=r"feature file .*f\.h5 is in use by another process \(pid \d+\)"):
+            run(make_records(tmp_path, n=4), out)
+    assert not built and not out.exists()
+
+
+def test_caption_with_nul_character_is_one_clear_error(tmp_path, tiny):
+    recs = make_records(tmp_path, n=4)
+    recs[1].captions = ["a dog\x00 runs"]
+    out = tmp_path / "f.h5"
+    with pytest.raises(UserError, match=r"image '001\.jpg'.*NUL character"):
+        run(recs, out)
+    assert not out.exists() and not list(tmp_path.glob("*.creating"))

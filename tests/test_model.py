@@ -125,14 +125,6 @@ def test_step_with_ctx_per_image_equals_expanded(grad):
         torch.testing.assert_close(f, w, rtol=1e-5, atol=1e-6)
 
 
-def test_reorder_selects_beams():
-    m = _model().eval()
-    state, ctx = m.init_state(torch.randn(3, L, C))
-    idx = torch.tensor([2, 2, 0])
-    s2, c2 = Decoder.reorder(state, ctx, idx)
-    assert torch.equal(s2[0][1], state[0][2]) and torch.equal(c2[1][2], ctx[1][0])
-
-
 def test_hard_attention_trains_without_nan_and_decodes_deterministically():
     m = _model(attention="hard")
     opt = torch.optim.Adam(m.parameters(), 1e-2)
@@ -144,6 +136,7 @@ def test_hard_attention_trains_without_nan_and_decodes_deterministically():
         assert out["sampled"].dtype == torch.bool and out["logp_s"].shape == (6, 4)
         loss, parts = m.loss(out, tokens)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+        m.update_baseline(parts["reward_sum"], parts["reward_n"])
         opt.zero_grad()
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
@@ -181,3 +174,74 @@ def test_config_rejects_unknown_attention():
 def test_count_flops_grows_with_length():
     cfg = DecoderConfig()
     assert count_flops(cfg, 2500, 512, 196, [10]) < count_flops(cfg, 2500, 512, 196, [11])
+
+
+# ---- regularisation options and sampling (self-critical training) ------------------------------------
+
+def _batch(B=5, T=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, 49, C, generator=g)
+    tokens = torch.randint(4, V, (B, T + 1), generator=g)
+    tokens[:, 0] = 1
+    tokens[:, -1] = 2
+    return feats, tokens
+
+
+def test_label_smoothing_zero_is_the_plain_loss_and_eps_matches_its_definition():
+    m = _model(dropout=0.0)
+    feats, tokens = _batch()
+    out = m(feats, tokens)
+    plain, parts = m.loss(out, tokens)
+    same, _ = m.loss(out, tokens, label_smoothing=0.0)
+    assert torch.equal(plain, same)
+    eps = 0.1
+    smooth, sparts = m.loss(out, tokens, label_smoothing=eps)
+    logp = torch.log_softmax(out["logits"], -1)                          # (B, T, V)
+    target = tokens[:, 1:]
+    nll = -logp.gather(2, target[..., None]).mean()
+    want = (1 - eps) * nll - eps * logp.mean(-1).mean() + m.cfg.alpha_c * parts["reg"]
+    torch.testing.assert_close(smooth, want)
+    assert torch.equal(sparts["nll"], parts["nll"])                     # the logged NLL is never smoothed
+
+
+def test_new_dropouts_at_zero_change_nothing_and_act_only_in_training():
+    feats, tokens = _batch()
+    base = _model()
+    zero = _model(embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0)
+    torch.manual_seed(3)
+    a = base(feats, tokens)["logits"]
+    torch.manual_seed(3)
+    assert torch.equal(a, zero(feats, tokens)["logits"])
+    drop = _model(embed_dropout=0.3, context_dropout=0.3, hidden_dropout=0.3)
+    drop.train()
+    assert not torch.allclose(drop(feats, tokens)["logits"], a)
+    drop.eval()
+    base.eval()
+    torch.testing.assert_close(drop(feats, tokens)["logits"], base(feats, tokens)["logits"])
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_sample_shapes_masks_and_log_probs(attention):
+    m = _model(attention=attention)
+    feats, _ = _batch(B=3)
+    torch.manual_seed(0)
+    out = m.sample(feats, 4, max_len=6)
+    toks, mask, logp = out["tokens"], out["mask"], out["logp"]
+    assert toks.shape == mask.shape == logp.shape and toks.shape[0] == 12 and toks.shape[1] <= 7
+    for r in range(12):                                  # mask covers the caption up to and including <end>
+        row = toks[r].tolist()
+        n = row.index(2) + 1 if 2 in row else len(row)
+        assert mask[r].tolist() == [1.0] * n + [0.0] * (len(row) - n)
+        assert all(t == 0 for t in row[n:])              # <pad> after the end
+    assert (logp <= 0).all() and logp.requires_grad
+    if attention == "hard":
+        assert out["sampled"].shape == (12,) and out["logp_s"].shape == toks.shape
+        assert (out["logp_s"][~out["sampled"]] == 0).all()
+    m.eval()                                             # greedy sampling = greedy decoding
+    from pipeline.decode import greedy_decode
+    g = m.sample(feats, 1, max_len=6, greedy=True)["tokens"]
+    want = greedy_decode(m, feats, max_len=7)[0]
+    for r in range(3):
+        got = g[r].tolist()
+        got = got[:got.index(2) + 1] if 2 in got else got
+        assert got == want[r][:len(got)]

@@ -15,8 +15,8 @@ import torch
 from pipeline import store as st
 from pipeline.errors import UserError
 from pipeline.records import Record
-from pipeline.score import (ScoreConfig, attention_accuracy, cell_overlap, coco_id, latest_run,
-                            open_checked_store, score_split)
+from pipeline.runs import latest_run, open_run_features
+from pipeline.score import ScoreConfig, attention_accuracy, cell_overlap, coco_id, score_split
 from pipeline.text import Vocab
 
 PROV = {"backbone": "toy", "weights_sha256": "x", "preprocessing": {"resize": 224}, "input_size": 224,
@@ -127,15 +127,20 @@ def test_split_without_references(tmp_path):
 def test_provenance_mismatch_and_latest_run(tmp_path, monkeypatch):
     path = tmp_path / "f.h5"
     make_store(path)
-    open_checked_store(path, {"provenance": PROV}, tmp_path)
+    ckpt = {"features": [{"path": str(path), "provenance": PROV}], "num_regions": 196, "feature_dim": 4}
+    assert open_run_features(ckpt, tmp_path).path == path
     with pytest.raises(UserError, match="backbone"):
-        open_checked_store(path, {"provenance": dict(PROV, backbone="resnet")}, tmp_path)
+        open_run_features(dict(ckpt, features=[{"path": str(path), "provenance": dict(PROV, backbone="resnet")}]),
+                          tmp_path)
+    with pytest.raises(UserError, match="trained on 196x8"):
+        open_run_features(dict(ckpt, feature_dim=8), tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no trained run"):
         latest_run()
-    for i, name in enumerate(["b", "a"]):
+    for i, (name, file) in enumerate([("b", "best.pt"), ("a", "best.pt"), ("c", "last.pt")]):
         (tmp_path / "runs" / name).mkdir(parents=True)
-        (tmp_path / "runs" / name / "best.pt").write_bytes(b"")
-        os.utime(tmp_path / "runs" / name / "best.pt", (time.time() + i, time.time() + i))
-    assert latest_run().name == "a"
+        (tmp_path / "runs" / name / file).write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / file, (time.time() + i, time.time() + i))
+        # a run whose only checkpoint is last.pt (no epoch finished yet) is a run too
+        assert latest_run().name == name
     assert coco_id("123") == 123 and coco_id("x.jpg") == "x.jpg"

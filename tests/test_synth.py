@@ -130,9 +130,11 @@ def test_objects_named_by():
     objects = [{"color": "red", "shape": "circle", "box": [0, 0, 10, 10]},
                {"color": "blue", "shape": "circle", "box": [20, 20, 30, 30]},
                {"color": "red", "shape": "cross", "box": [40, 40, 50, 50]}]
-    assert synth.objects_named_by("red", objects) == [[0, 0, 10, 10], [40, 40, 50, 50]]
-    assert synth.objects_named_by("circles", objects) == [[0, 0, 10, 10], [20, 20, 30, 30]]
-    assert synth.objects_named_by("crosses", objects) == [[40, 40, 50, 50]]
+    boxes = lambda w: [o["box"] for o in synth.objects_named_by(w, objects)]   # noqa: E731
+    assert boxes("red") == [[0, 0, 10, 10], [40, 40, 50, 50]]
+    assert boxes("circles") == [[0, 0, 10, 10], [20, 20, 30, 30]]
+    assert boxes("crosses") == [[40, 40, 50, 50]]
+    assert synth.object_word("Crosses") == ("shape", "cross") and synth.object_word("the") is None
     assert synth.objects_named_by("green", objects) == []
     assert synth.objects_named_by("the", objects) == []
 

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -8,8 +9,9 @@ from helpers_store import make_store
 from pipeline import model as model_mod
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.model import DecoderConfig
-from pipeline.train import TrainConfig, load_run, train
+from pipeline.config import DecoderConfig, TrainConfig
+from pipeline.runs import load_run
+from pipeline.train import train
 
 SMALL = dict(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.3)
 
@@ -20,7 +22,7 @@ def feats(tmp_path):
 
 
 def _cfg(feats, **kw):
-    return TrainConfig(**dict(dict(features=str(feats), epochs=2, batch_size=8, min_count=1, lr=3e-3,
+    return TrainConfig(**dict(dict(features=tuple(map(str, feats)) if isinstance(feats, tuple) else str(feats), epochs=2, batch_size=8, min_count=1, lr=3e-3,
                                    log_every=1000), **kw))
 
 
@@ -38,10 +40,11 @@ def test_train_writes_run_and_load_run(feats, tmp_path):
     assert [r["epoch"] for r in lines] == [1, 2]
     assert all(0 <= r["bleu4"] <= 1 and r["captions_per_s"] > 0 for r in lines)
     assert (run / "log.csv").read_text().count("\n") == 3
-    model, vocab, ckpt = load_run(run)
-    assert not model.training and len(vocab) == model.vocab_size
-    for key in ("model", "optimizer", "scheduler", "rng", "epoch", "step", "best_score", "vocab",
-                "decoder_config", "train_config", "provenance", "features_path", "history"):
+    r = load_run(run)
+    model, vocab, ckpt = r.model, r.vocab, r.ckpt
+    assert not model.training and len(vocab) == model.vocab_size and r.which == "best"
+    for key in ("model", "optimizer", "scheduler", "rng", "epoch", "step", "best_score", "vocab", "format_version",
+                "decoder_config", "train_config", "features", "history", "select_metric"):
         assert key in ckpt, key
     # a finished run is refused without --resume
     with pytest.raises(UserError, match="--resume"):
@@ -85,12 +88,18 @@ def test_provenance_or_dims_mismatch_refused(feats, tmp_path):
 def test_non_finite_loss_stops_with_clear_message(feats, tmp_path, monkeypatch):
     real = model_mod.Decoder.loss
 
-    def nan_loss(self, out, tokens):
-        loss, parts = real(self, out, tokens)
+    def nan_loss(self, out, tokens, **kw):
+        loss, parts = real(self, out, tokens, **kw)
         return loss * float("nan"), parts
     monkeypatch.setattr(model_mod.Decoder, "loss", nan_loss)
-    with pytest.raises(UserError, match="non-finite loss"):
+    with pytest.raises(UserError, match="non-finite loss.*no checkpoint was written"):
         train(_cfg(feats), DecoderConfig(**SMALL), tmp_path / "run", echo=_quiet)
+    assert not list((tmp_path / "run").glob("*.pt"))   # no checkpoint; the same command may start it again
+    monkeypatch.undo()
+    train(_cfg(feats, max_steps=2), DecoderConfig(**SMALL), tmp_path / "run2", echo=_quiet)
+    monkeypatch.setattr(model_mod.Decoder, "loss", nan_loss)
+    with pytest.raises(UserError, match="non-finite loss.*last.pt keeps"):
+        train(None, None, tmp_path / "run2", resume=True, overrides={"max_steps": 0}, echo=_quiet)
 
 
 def test_cli_train_and_user_errors(feats, tmp_path):
@@ -105,7 +114,7 @@ def test_cli_train_and_user_errors(feats, tmp_path):
     assert "val BLEU-1..4" in res.output and (run / "best.pt").exists()
     res = r.invoke(main, ["train", "--features", str(feats), "--run", str(run), "--resume", "--epochs", "2"])
     assert res.exit_code == 0, res.output
-    assert len(load_run(run, "last")[2]["history"]) == 2
+    assert len(load_run(run, "last").ckpt["history"]) == 2
     res = r.invoke(main, ["train", "--features", str(tmp_path / "missing.h5"), "--run", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no such feature file" in res.output
     res = r.invoke(main, ["train", "--features", str(feats), "--run", str(tmp_path / "y"), "--batch-size", "0"])
@@ -116,7 +125,10 @@ def test_load_run_errors(tmp_path):
     with pytest.raises(UserError, match="no such run"):
         load_run(tmp_path / "nope")
     (tmp_path / "r").mkdir()
-    with pytest.raises(UserError, match="no such checkpoint"):
+    with pytest.raises(UserError, match="not a run directory"):
+        load_run(tmp_path / "r")
+    (tmp_path / "r" / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
         load_run(tmp_path / "r")
 
 
@@ -124,3 +136,171 @@ def test_lazy_reading_with_workers_and_beam_validation(feats, tmp_path):
     res = train(_cfg(feats, epochs=1, in_ram="no", num_workers=1, beam=2), DecoderConfig(**SMALL),
                 tmp_path / "run", echo=_quiet)
     assert res["stopped"] == "done" and 0 <= res["history"][0]["bleu4"] <= 1
+
+
+# ---- faults and bad input (each of these was a defect) ---------------------------------------------------
+
+def test_second_process_on_one_run_is_refused(feats, tmp_path):
+    from pipeline.runs import run_lock
+    run = tmp_path / "run"
+    with run_lock(run):                                 # another `pipeline train` holds the run
+        with pytest.raises(UserError, match=r"run .*run is in use by another process \(pid \d+\)"):
+            train(_cfg(feats), DecoderConfig(**SMALL), run, echo=_quiet)
+        with pytest.raises(UserError, match="in use by another process"):
+            train(None, None, run, resume=True, echo=_quiet)
+    assert not list(run.glob("*.pt"))
+
+
+def test_crash_between_best_and_last_leaves_them_consistent(feats, tmp_path, monkeypatch):
+    """kill -9 after one checkpoint file of an epoch is replaced but not the other: best.pt must never be
+    older than the best epoch last.pt records, and --resume ends with the same run as no crash."""
+    import pipeline.runs as runs_mod
+    import pipeline.train as train_mod
+    scores = iter([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])         # every epoch is the best so far
+    real_eval = train_mod.evaluate
+
+    def rising(*a, **k):
+        metrics, caps = real_eval(*a, **k)
+        return dict(metrics, bleu4=next(scores)), caps
+    monkeypatch.setattr(train_mod, "evaluate", rising)
+    ref = train(_cfg(feats, epochs=2), DecoderConfig(**SMALL), tmp_path / "ref", echo=_quiet)
+    scores = iter([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    real_save, saved = runs_mod.save_checkpoint, []
+
+    def killed_after_best_of_epoch2(ckpt, path):
+        if ckpt["epoch"] == 2 and path.name == "last.pt":
+            raise KeyboardInterrupt("kill -9")
+        real_save(ckpt, path)
+        saved.append((ckpt["epoch"], path.name))
+    monkeypatch.setattr(runs_mod, "save_checkpoint", killed_after_best_of_epoch2)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(feats, epochs=2), DecoderConfig(**SMALL), run, echo=_quiet)
+    assert saved == [(1, "best.pt"), (1, "last.pt"), (2, "best.pt")]     # best is written first
+    last, best = load_run(run, "last").ckpt, load_run(run, "best").ckpt
+    assert best["epoch"] >= last["best_epoch"]
+    monkeypatch.setattr(runs_mod, "save_checkpoint", real_save)
+    scores = iter([0.2, 0.3])                                  # epoch 2 again, as before the crash
+    train(None, None, run, resume=True, echo=_quiet)
+    a, b = load_run(tmp_path / "ref", "best").ckpt, load_run(run, "best").ckpt
+    assert a["epoch"] == b["epoch"] == 2 == load_run(run, "last").ckpt["best_epoch"] == ref["best_epoch"]
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0)
+
+
+def test_full_disk_at_checkpoint_is_one_error_and_leaves_no_temporary(feats, tmp_path, monkeypatch):
+    import shutil as sh
+    run = tmp_path / "run"
+    train(_cfg(feats, max_steps=2), DecoderConfig(**SMALL), run, echo=_quiet)
+    before = (run / "last.pt").read_bytes()
+
+    def full_disk_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("basic_ios::clear: iostream error")    # what torch.save says on a full disk
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10 ** 9, 10 ** 9, 5 * 2 ** 20))
+    with pytest.raises(UserError, match=r"last\.pt: could not be written \(the disk is full; 5 MiB free on the disk holding"):
+        train(None, None, run, resume=True, overrides={"max_steps": 4}, echo=_quiet)
+    assert (run / "last.pt").read_bytes() == before and not list(run.glob("*.tmp"))
+
+
+def test_resume_rewrites_config_and_refuses_other_training_settings(feats, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(feats, epochs=1), DecoderConfig(**SMALL), run, echo=_quiet)
+    train(None, None, run, resume=True, overrides={"epochs": 2, "patience": 3}, echo=_quiet)
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert cfg["epochs"] == 2 and cfg["patience"] == 3
+    with pytest.raises(UserError, match=r"--lr 0\.1 \(it was trained with 0\.003\) cannot change"):
+        train(None, None, run, resume=True, overrides={"lr": 0.1, "epochs": 3}, echo=_quiet)
+
+
+def test_unknown_setting_is_an_error():
+    with pytest.raises(UserError, match="unknown training setting.*epochz"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(UserError, match="unknown decoder setting.*hiden_dim"):
+        DecoderConfig.from_dict({"hiden_dim": 3})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--patience", "0"], "--patience 0: must be >= 1"),
+    (["--threads", "-1"], "--threads -1: must be >= 0"),
+    (["--alpha-c", "-5"], "--alpha-c -5.0: must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be >= 0"),
+    (["--max-minutes", "-1"], "--max-minutes -1.0: must be >= 0"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--dropout", "1.5"], "--dropout 1.5: must be < 1"),
+    (["--label-smoothing", "1"], "--label-smoothing 1.0: must be < 1"),
+])
+def test_cli_refuses_out_of_range_values(feats, tmp_path, args, message):
+    res = CliRunner().invoke(main, ["train", "--features", str(feats), "--run", str(tmp_path / "r")] + args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="scoring needs java")
+def test_score_without_best_says_it_uses_last(feats, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(feats, max_steps=1), DecoderConfig(**SMALL), run, echo=_quiet)   # no epoch finished: no best.pt
+    res = CliRunner().invoke(main, ["score", "--run", str(run), "--beam", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert f"note: {run} has no best.pt yet (no epoch finished); using last.pt." in res.output
+
+
+# ---- self-critical training, fused caches ------------------------------------------------------------
+
+def test_self_critical_phase_from_a_cross_entropy_run(feats, tmp_path):
+    xe = tmp_path / "xe"
+    train(_cfg(feats, epochs=2), DecoderConfig(**SMALL), xe, echo=_quiet)
+    with pytest.raises(UserError, match="--init-from"):
+        train(_cfg(feats, objective="scst"), DecoderConfig(**SMALL), tmp_path / "x", echo=_quiet)
+    kw = dict(objective="scst", init_from=str(xe), lr=1e-3, batch_size=4, scst_samples=3, scst_max_len=6)
+    res = train(_cfg(feats, epochs=2, **kw), None, tmp_path / "scst", echo=_quiet)
+    assert res["select_metric"] == "cider" and res["stopped"] == "done"
+    h = res["history"]
+    assert [r["objective"] for r in h] == ["scst", "scst"] and all(0 <= r["reward"] for r in h)
+    assert all(r["select"] == "cider" and "cider" in r for r in h)
+    ckpt = load_run(tmp_path / "scst", "last").ckpt
+    assert ckpt["init_from"]["run"] == str(xe) and ckpt["decoder_config"] == load_run(xe).ckpt["decoder_config"]
+    assert json.loads((tmp_path / "scst" / "config.json").read_text())["init_from"]["epoch"] == \
+        load_run(xe).ckpt["epoch"]
+    # the same resume rules as cross-entropy: bit-identical steps after a stop
+    ref, got = {}, {}
+    train(_cfg(feats, max_steps=5, **kw), None, tmp_path / "a", echo=_quiet,
+          on_step=lambda s, loss: ref.__setitem__(s, loss.item()))
+    train(_cfg(feats, max_steps=3, **kw), None, tmp_path / "b", echo=_quiet)
+    train(None, None, tmp_path / "b", resume=True, overrides={"max_steps": 5}, echo=_quiet,
+          on_step=lambda s, loss: got.__setitem__(s, loss.item()))
+    assert got == {4: ref[4], 5: ref[5]}
+    other = make_store(tmp_path / "other.h5", {"train": 12, "val": 4}, L=16, C=8, backbone="resnet-x")
+    with pytest.raises(UserError, match="--init-from .*backbone"):
+        train(_cfg(other, **kw), None, tmp_path / "c", echo=_quiet)
+
+
+def test_fused_caches_train_and_are_checked(feats, tmp_path):
+    from pipeline import store
+    other = make_store(tmp_path / "g.h5", {"train": 12, "val": 4}, L=16, C=5, backbone="other-net", seed=3)
+    one = store.open_features([feats])
+    assert isinstance(one, store.FeatureStore)                     # a fused cache of one file is that file
+    fused = store.open_features([feats, other])
+    assert fused.feature_dim == 13 and fused.provenances == [one.provenance, store.FeatureStore.open(other).provenance]
+    np.testing.assert_array_equal(fused.load_features([3, 1]),
+                                  np.concatenate([one.load_features([3, 1]), store.FeatureStore.open(other).load_features([3, 1])], 2))
+    single = store.FusedStore([one])
+    np.testing.assert_array_equal(single.load_features(), one.load_features())
+    assert single.references("val") == one.references("val") and single.grid == one.grid
+    res = train(_cfg((feats, other), epochs=1), DecoderConfig(**SMALL), tmp_path / "run", echo=_quiet)
+    ckpt = load_run(tmp_path / "run").ckpt
+    assert res["epoch"] == 1 and ckpt["feature_dim"] == 13 and [f["path"] for f in ckpt["features"]] == [str(feats), str(other)]
+    with pytest.raises(UserError, match="reads 2 feature file"):
+        train(None, None, tmp_path / "run", resume=True, overrides={"features": (str(feats),), "epochs": 2},
+              echo=_quiet)
+    grid = make_store(tmp_path / "grid.h5", {"train": 12, "val": 4}, L=25, C=5, backbone="other-net")
+    with pytest.raises(UserError, match="attention grids differ"):
+        store.open_features([feats, grid])
+    ids = make_store(tmp_path / "ids.h5", {"train": 11, "val": 5}, L=16, C=5, backbone="other-net")
+    with pytest.raises(UserError, match="different images or splits"):
+        store.open_features([feats, ids])
+    with pytest.raises(UserError, match="twice"):
+        store.open_features([feats, feats])

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pipeline.caption as caption_mod
-import pipeline.score as score_mod
+from pipeline import runs
 from pipeline.caption import attention_paths, words_and_maps
 from pipeline.cli import main
 from pipeline.decode import Hypothesis
@@ -20,13 +20,16 @@ from pipeline.viz import attention_figure, upsample_alpha
 from test_score import PROV, SCRIPTS, VOCAB, Scripted, make_store
 
 
-def _fake_run(tmp_path, name, bleu, with_scores=True):
+def _fake_run(tmp_path, name, bleu, with_scores=True, attention="soft", dataset="shapes", backbones=("vgg19",)):
+    """A run directory as train.py and score.py write it (config.json, log.jsonl fields, scores_val.json)."""
     d = tmp_path / "runs" / name
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"dataset": "shapes", "backbone": "vgg19", "attention": "soft"}))
-    (d / "log.jsonl").write_text("\n".join(json.dumps({"epoch": e + 1, "train_loss": 3 - e, "val_loss": 3.2 - e,
-                                                       "val_bleu4": bleu * (e + 1) / 3, "seconds": 60})
-                                           for e in range(3)) + "\n")
+    (d / "config.json").write_text(json.dumps({
+        "train": {"epochs": 20}, "decoder": {"attention": attention},
+        "features": [{"path": f"f_{b}.h5", "provenance": {"dataset": dataset, "backbone": b}} for b in backbones]}))
+    (d / "log.jsonl").write_text("\n".join(json.dumps({"epoch": e + 1, "loss": 3 - e, "nll": 3.2 - e,
+                                                       "bleu4": bleu * (e + 1) / 3, "cider": 0.3, "train_s": 50,
+                                                       "val_s": 10}) for e in range(3)) + "\n")
     if with_scores:
         (d / "scores_val.json").write_text(json.dumps({"beam": 3, "metrics": {"Bleu_1": 0.6, "Bleu_4": bleu,
                                                                               "METEOR": 0.2, "ROUGE_L": 0.4,
@@ -57,23 +60,14 @@ def test_words_and_maps_and_paths():
 def test_report_and_curves(tmp_path, monkeypatch):
     _fake_run(tmp_path, "r1", 0.2)
     _fake_run(tmp_path, "r2", 0.25, with_scores=False)
-    # the layout train.py writes: nested config.json, bleu4 + best_bleu4, train_s + val_s per epoch
-    d = tmp_path / "runs" / "r3"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"train": {"epochs": 20}, "decoder": {"attention": "hard"},
-                                               "provenance": {"dataset": "flickr8k", "backbone": "vgg19"}}))
-    (d / "log.jsonl").write_text("\n".join(json.dumps({"epoch": e, "loss": 3.0, "bleu4": 0.1 * e, "best_bleu4": 0.5,
-                                                       "train_s": 100, "val_s": 20, "time": "2026-01-01T00:00:00"})
-                                           for e in (1, 2)))
+    _fake_run(tmp_path, "r3", 0.3, attention="hard", dataset="flickr8k", backbones=("vgg19", "efficientnet_lite2"))
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(main, ["report", "--curves"])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "runs" / "report.md").read_text()
     assert "| r1 | shapes | vgg19 | soft | 3 | 60.00 | 20.00 |" in md and "| r2 |" in md
     assert "| 3 | 3.0 |" in md   # epochs, minutes (3 x 60 s)
-    assert "| r3 | flickr8k | vgg19 | hard |" in md and "| 2 | 4.0 |" in md
-    from pipeline.viz import bleu4_key, read_log
-    assert bleu4_key(read_log(d)) == "bleu4"
+    assert "| r3 | flickr8k | vgg19+efficientnet_lite2 | hard |" in md
     assert (tmp_path / "runs" / "report.png").exists() and (tmp_path / "runs" / "r1" / "curves.png").exists()
     res = CliRunner().invoke(main, ["report", "nope"])
     assert res.exit_code == 2 and "not a directory" in res.output
@@ -85,10 +79,10 @@ def _patch_run(monkeypatch, tmp_path):
     run = tmp_path / "runs" / "toy"
     run.mkdir(parents=True)
     (run / "best.pt").write_bytes(b"")
-    ckpt = {"features_path": str(path), "provenance": PROV, "epoch": 1}
-    fake = lambda run_dir, device="cpu": (Scripted(SCRIPTS), VOCAB, ckpt)
-    monkeypatch.setattr(score_mod, "load_model", fake)
-    monkeypatch.setattr(caption_mod, "load_model", fake)
+    ckpt = {"features": [{"path": str(path), "provenance": PROV}], "epoch": 1, "num_regions": 196, "feature_dim": 4}
+    fake = lambda run_dir, which=None, device="cpu", log=print: runs.LoadedRun(   # noqa: E731
+        runs.resolve_run(run_dir), Scripted(SCRIPTS), VOCAB, ckpt, "best")
+    monkeypatch.setattr(runs, "load_run", fake)
     return run
 
 
@@ -106,10 +100,16 @@ def test_cli_score(tmp_path, monkeypatch):
 
 def test_cli_caption_with_attention(tmp_path, monkeypatch):
     run = _patch_run(monkeypatch, tmp_path)
-    import pipeline.extract as extract_mod
     feats = np.zeros((2, 196, 4), np.float32)
     feats[:, 0, 0] = [0, 1]
-    monkeypatch.setattr(extract_mod, "encode_images", lambda images, prov, weights_dir="weights": feats[:len(images)])
+
+    class FakeEncoder:                      # the backbone of the run's provenance, faked
+        def __init__(self, provenances, **kw):
+            assert provenances == [PROV]
+
+        def __call__(self, images, batch_size=16):
+            return feats[:len(images)]
+    monkeypatch.setattr(caption_mod, "Encoder", FakeEncoder)
     imgs = []
     for i in range(2):
         p = tmp_path / f"im{i}.png"

@@ -1,0 +1,200 @@
+"""Every setting of the pipeline's stages, as dataclasses: each default lives in its field, once.
+
+    DecoderConfig  the decoder (model.py)         TrainConfig    training (train.py)
+    ScoreConfig    decoding and scoring (score.py) CaptionConfig  captioning new images (caption.py)
+
+
+    lr: float = setting(4e-4, "Learning rate.", gt=0)
+
+`setting` keeps the help text and the allowed values with the default; `check` enforces them (one
+UserError naming the option); `from_dict` refuses unknown keys (a typo in an override is an error,
+not a silent no-op); cli.py builds its click options from these fields (`cli.options_from`), so a
+default is never repeated in the command line layer.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import UserError
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None, cli: bool = True,
+            flag: str | None = None) -> Any:
+    """A dataclass field with its help text and allowed values (choices, bounds); cli=False keeps it
+    out of the command line (set by code, e.g. the features paths); flag: the option name when it is
+    not --<field-name>."""
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, cli=cli, flag=flag)
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_name(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check(cfg) -> None:
+    """Raise one UserError for the first value outside its field's choices or bounds."""
+    for f in fields(cfg):
+        m, v = f.metadata, getattr(cfg, f.name)
+        if not m:
+            continue
+        name = option_name(f)
+        if m.get("choices") is not None and v not in m["choices"]:
+            raise UserError(f"{name} {v!r}: choose one of {', '.join(map(str, m['choices']))}.")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{name} {v!r}: must be a finite number.")
+        for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            if m.get(key) is not None and not ok(v, m[key]):
+                raise UserError(f"{name} {v!r}: must be {word} {m[key]:g}.")
+
+
+def defaults(cls) -> dict:
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}
+
+
+def from_dict(cls, d: dict, what: str = ""):
+    """cls(**d), refusing keys that are not fields of cls."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown {what or cls.__name__} setting(s): {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(names))}).")
+    return cls(**d)
+
+
+# -- the stages' settings ---------------------------------------------------------------------------
+@dataclass
+class DecoderConfig:
+    embed_dim: int = setting(512, "m: word embedding size (E is V x m).", ge=1)
+    hidden_dim: int = setting(512, "n: LSTM units.", ge=1)
+    attention_dim: int = setting(512, "Width of the attention MLP (W_a, W_h).", ge=1)
+    dropout: float = setting(0.5, "Dropout on the deep-output layer, before L_o (the paper's).", ge=0, lt=1)
+    embed_dropout: float = setting(0.0, "Dropout on the word embedding E y_{t-1} (LSTM input and deep output).",
+                                   ge=0, lt=1)
+    context_dropout: float = setting(0.0, "Dropout on the context z_t where it enters the LSTM.", ge=0, lt=1)
+    hidden_dropout: float = setting(0.0, "Dropout on the LSTM output h_t where it enters the deep output.",
+                                    ge=0, lt=1)
+    attention: str = setting("soft", "soft (deterministic, 4.2) or hard (stochastic, 4.1).", choices=("soft", "hard"))
+    alpha_c: float = setting(1.0, "lambda of the doubly stochastic penalty (eq. 14); 0 turns it off.", ge=0)
+    gate: bool = setting(True, "The scalar gate beta_t (4.2.1); off: z_t is the plain expectation.")
+    deep_output_tanh: bool = setting(False, "Deviation: tanh before L_o, as the authors' code (eq. 7 has none).")
+    # hard attention (4.1): the paper's variance reductions, eq. 12
+    hard_expected_prob: float = setting(0.5, "Hard attention: per caption, train with the expected context "
+                                             "with this probability.", ge=0, le=1)
+    baseline_decay: float = setting(0.9, "Hard attention: moving-average baseline b_k = d b_{k-1} + (1 - d) r_k.",
+                                    ge=0, lt=1)
+    reinforce_weight: float = setting(1.0, "Hard attention: lambda_r of eq. 12.", ge=0)
+    entropy_weight: float = setting(0.002, "Hard attention: lambda_e of eq. 12 (bonus on H[alpha_t]).", ge=0)
+    reward_per_word: bool = setting(True, "Hard attention: reward = log p(y|s,a) / T (one baseline for all "
+                                          "caption lengths) instead of the paper's log p(y|s,a).")
+
+    def __post_init__(self):
+        check(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        return from_dict(cls, d, "decoder")
+
+
+@dataclass
+class TrainConfig:
+    features: tuple = setting((), "Feature cache(s); several are fused (vectors concatenated per region).", cli=False)
+    objective: str = setting("xe", "xe: cross-entropy with teacher forcing (the paper); scst: self-critical "
+                                   "sequence training with a CIDEr-D reward (needs --init-from).", choices=("xe", "scst"))
+    init_from: str = setting("", "Start from this run's best.pt weights, decoder settings and vocabulary "
+                                 "(a new run; e.g. SCST after cross-entropy).")
+    epochs: int = setting(20, "Epochs in total.", ge=1)
+    batch_size: int = setting(64, "xe: captions per step (one length each); scst: images per step.", ge=1)
+    optimizer: str = setting("adam", "adam, adamw (decoupled weight decay) or rmsprop (the paper's for Flickr8k).",
+                             choices=("adam", "adamw", "rmsprop"))
+    lr: float = setting(4e-4, "Learning rate.", gt=0)
+    weight_decay: float = setting(0.0, "Weight decay (L2 for adam/rmsprop, decoupled for adamw).", ge=0)
+    grad_clip: float = setting(5.0, "Max global gradient norm (0: off).", ge=0)
+    label_smoothing: float = setting(0.0, "xe: label smoothing epsilon (0: the plain NLL).", ge=0, lt=1)
+    lr_schedule: str = setting("plateau", "plateau: lr x lr-factor after lr-patience epochs without a better val "
+                                          "score; step: lr x lr-factor every lr-step epochs; none.",
+                               choices=("plateau", "step", "none"))
+    lr_factor: float = setting(0.8, "LR decay factor of the schedule.", gt=0, le=1)
+    lr_patience: int = setting(2, "plateau schedule: epochs without a better val score before a decay.", ge=0)
+    lr_step: int = setting(3, "step schedule: epochs between decays.", ge=1)
+    patience: int = setting(6, "Early stop after this many epochs without a better val score.", ge=1)
+    select_metric: str = setting("auto", "Val metric that selects best.pt and drives the plateau schedule and early "
+                                         "stopping: bleu4, cider, or auto (cider for scst, bleu4 for xe).",
+                                 choices=("auto", "bleu4", "cider"))
+    beam: int = setting(1, "Val decoding beam (1: greedy).", ge=1)
+    max_len: int = setting(30, "Drop training captions longer than this (words); also the val decoding limit.", ge=1)
+    min_count: int = setting(5, "Vocabulary: minimum word count in the train captions.", ge=1)
+    scst_samples: int = setting(5, "scst: captions sampled per image.", ge=1)
+    scst_baseline: str = setting("mean", "scst: reward baseline: the mean reward of the image's other samples, or "
+                                         "the greedy caption's reward.", choices=("mean", "greedy"))
+    scst_max_len: int = setting(16, "scst: longest sampled caption (words).", ge=1)
+    seed: int = setting(0, "Random seed (weights, batches, dropout, sampling).", ge=0)
+    device: str = setting("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    threads: int = setting(0, "CPU threads for torch (0: one per core); 1 per run when runs share the cores.", ge=0)
+    max_minutes: float = setting(0.0, "Checkpoint and stop after this many minutes of training (0: no limit); "
+                                      "continue with --resume.", ge=0)
+    max_steps: int = setting(0, "Checkpoint and stop after this many optimizer steps in total (0: no limit).", ge=0)
+    in_ram: str = setting("auto", "Features held in memory (yes), read lazily from the file (no), or auto: in "
+                                  "memory when they fit (GPU memory checked on CUDA).", choices=("auto", "yes", "no"))
+    num_workers: int = setting(0, "Reader processes when features are read lazily.", ge=0, flag="--workers")
+    val_batch_size: int = setting(250, "Images per val decoding batch.", ge=1)
+    log_every: int = setting(100, "Steps between progress lines (and non-finite loss checks).", ge=1)
+
+    def __post_init__(self):
+        one = isinstance(self.features, (str, os.PathLike))
+        self.features = tuple(str(f) for f in ([self.features] if one else self.features))
+        check(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return from_dict(cls, d, "training")
+
+    @property
+    def metric(self) -> str:
+        return ("cider" if self.objective == "scst" else "bleu4") if self.select_metric == "auto" else self.select_metric
+
+
+@dataclass
+class ScoreConfig:
+    split: str = setting("val", "Split of the features file to decode and score.")
+    beam: int = setting(3, "Beam size (1: greedy).", ge=1, le=100)
+    max_len: int = setting(20, "Longest caption (tokens).", ge=1)
+    length_norm: float = setting(0.0, "Rank finished beams by logprob / length**X (e.g. 0.7); 0: raw logprob.", ge=0)
+    batch_size: int = setting(100, "Images per beam-search batch.", ge=1)
+    device: str = setting("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    workers: int = setting(0, "CPU decoding processes, one thread each (0: one per core, at most 4).", ge=0)
+    progress: bool = setting(True, "Progress bar.", cli=False)
+
+    def __post_init__(self):
+        check(self)
+        if self.workers == 0:
+            self.workers = min(os.cpu_count() or 1, 4)
+
+
+@dataclass
+class CaptionConfig:
+    beam: int = setting(3, "Beam size (1: greedy).", ge=1, le=100)
+    max_len: int = setting(20, "Longest caption (tokens).", ge=1)
+    length_norm: float = setting(0.0, "Rank finished beams by logprob / length**X (e.g. 0.7); 0: raw logprob.", ge=0)
+    batch_size: int = setting(16, "Images per batch.", ge=1)
+    device: str = setting("auto", "auto (cuda when available), cpu or cuda: the backbone and the decoder.",
+                          choices=("auto", "cpu", "cuda"))
+    weights_dir: str = setting("weights", "Where the backbone weights named by the run's features provenance are.")
+    weights: tuple = setting((), "Backbone weights file: PATH, or BACKBONE=PATH when the run reads several "
+                                 "backbones' caches (repeatable).", cli=False)
+
+    def __post_init__(self):
+        check(self)
+
+

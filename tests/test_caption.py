@@ -1,0 +1,99 @@
+"""Captioning new images: the encoder reproduces extraction exactly (every image mode), and its errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import store
+from pipeline.caption import Encoder, open_images
+from pipeline.errors import UserError
+from pipeline.records import Record
+from test_extract import run, tiny_spec
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Two tiny backbones (other weights) registered for the test, as in test_extract."""
+    from pipeline import backbones
+    for name, seed in (("tiny", 0), ("tiny2", 1)):
+        monkeypatch.setitem(backbones.BACKBONES, name, tiny_spec(name, seed=seed))
+
+
+def _odd_images(tmp_path):
+    """Images whose conversion to RGB is not trivial: transparency, palette transparency, 16-bit,
+    grayscale, CMYK (extraction's backbones.to_rgb composites alpha on white and rescales 16-bit)."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)
+    d = tmp_path / "odd"
+    d.mkdir()
+    paths = []
+    rgba = np.dstack([rgb, rng.integers(0, 255, (24, 30), dtype=np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(p := d / "rgba.png")
+    paths.append(p)
+    pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 3
+    pal.save(p := d / "palette.png", transparency=3)
+    paths.append(p)
+    Image.fromarray(rng.integers(0, 65535, (24, 30), dtype=np.uint16)).save(p := d / "gray16.png")
+    paths.append(p)
+    Image.fromarray(rgb).convert("L").save(p := d / "gray.png")
+    paths.append(p)
+    Image.fromarray(rgb).convert("CMYK").save(p := d / "cmyk.jpg")
+    paths.append(p)
+    return paths
+
+
+def test_caption_features_equal_extracted_features_for_every_mode(tmp_path, tiny):
+    paths = _odd_images(tmp_path)
+    modes = [Image.open(p).mode for p in paths]
+    assert {"RGBA", "P", "L", "CMYK"} <= set(modes) and any(m.startswith("I") for m in modes), modes
+    recs = [Record(p.stem, p, "train", ["a picture"]) for p in paths]
+    out = tmp_path / "f.h5"
+    run(recs, out)
+    st = store.FeatureStore.open(out)
+    enc = Encoder([st.provenance], weights_dir=tmp_path, device="cpu")
+    feats = enc(open_images(paths))
+    assert feats.dtype == np.float32 and feats.shape == (len(paths), 196, 8)
+    np.testing.assert_array_equal(feats, st.load_features().astype(np.float32))
+    # what captioning did before: PIL's convert("RGB") drops alpha instead of compositing on white
+    naive = enc([Image.open(p).convert("RGB") for p in paths])
+    assert not np.array_equal(naive[0], feats[0]) and not np.array_equal(naive[2], feats[2])
+
+
+def test_encoder_refuses_other_weights_or_preprocessing(tmp_path, tiny):
+    paths = _odd_images(tmp_path)[:1]
+    out = tmp_path / "f.h5"
+    run([Record("a", paths[0], "train", ["x"])], out)
+    prov = store.FeatureStore.open(out).provenance
+    with pytest.raises(UserError, match="sha256.*--weights"):
+        Encoder([dict(prov, weights_sha256="something-else")], weights_dir=tmp_path)
+    with pytest.raises(UserError, match="preprocessing"):
+        Encoder([dict(prov, preprocessing={"resize": [1, 1]})], weights_dir=tmp_path)
+    with pytest.raises(UserError, match="BACKBONE=PATH"):
+        Encoder([prov, dict(prov, backbone="tiny2")], weights=("w.pt",), weights_dir=tmp_path)
+    with pytest.raises(UserError, match="randomly initialised"):
+        Encoder([dict(prov, weights_sha256="random")], weights_dir=tmp_path)
+
+
+def test_fused_encoder_concatenates_backbones(tmp_path, tiny):
+    paths = _odd_images(tmp_path)[:2]
+    recs = [Record(p.stem, p, "train", ["x"]) for p in paths]
+    run(recs, tmp_path / "a.h5")
+    run(recs, tmp_path / "b.h5", backbone="tiny2")
+    fused = store.open_features([tmp_path / "a.h5", tmp_path / "b.h5"])
+    feats = Encoder(fused.provenances, weights_dir=tmp_path, device="cpu")(open_images(paths))
+    np.testing.assert_array_equal(feats, fused.load_features().astype(np.float32))
+    assert feats.shape == (2, 196, 16)
+
+
+def test_open_images_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="no such image"):
+        open_images([tmp_path / "nope.jpg"])
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="not a readable image"):
+        open_images([tmp_path / "bad.jpg"])
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)    # 64*64 > 2 * 10: Pillow raises DecompressionBombError
+    with pytest.raises(UserError, match="decompression-bomb"):
+        open_images([tmp_path / "big.png"])
