@@ -174,6 +174,9 @@ class ScoreConfig:
     batch_size: int = setting(100, "Images per beam-search batch.", ge=1)
     device: str = setting("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
     workers: int = setting(0, "CPU decoding processes, one thread each (0: one per core, at most 4).", ge=0)
+    hard_context: str = setting("expected", "Hard-attention decoders: read the expected context (deterministic), "
+                                            "the argmax location, or a sampled location at each step.",
+                                choices=("expected", "argmax", "sample"))
     progress: bool = setting(True, "Progress bar.", cli=False)
 
     def __post_init__(self):

@@ -104,6 +104,7 @@ class Decoder(nn.Module):
     """
 
     ctx_per_image = True
+    HARD_CONTEXTS = ("expected", "argmax", "sample")
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int, feature_dim: int):
         super().__init__()
@@ -124,6 +125,10 @@ class Decoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # Hard attention's moving-average reward baseline: a buffer, so checkpoints carry it.
         self.register_buffer("baseline", torch.zeros(()))
+        # How a hard-attention decoder reads the image when decoding (eval mode): the expected context
+        # sum_i alpha_i a_i (default, deterministic), the argmax location, or a sampled one (the authors'
+        # sampler samples). `pipeline score --hard-context` sets it; training is unaffected.
+        self.hard_context = "expected"
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -221,6 +226,11 @@ class Decoder(nn.Module):
             logp = logalpha.gather(1, s[:, None]).squeeze(1)            # (B,) log alpha_t[s_t]
             ent = -(alpha * logalpha).sum(1)                            # (B,) H[alpha_t]
             extra = (logp, ent)
+        elif cfg.attention == "hard" and not self.training and self.hard_context != "expected":
+            # decoding with one location per step: the most likely one, or a draw from alpha_t
+            s = alpha.argmax(1) if self.hard_context == "argmax" else torch.multinomial(alpha.float(), 1).squeeze(1)
+            rows = torch.arange(alpha.size(0), device=a.device) // G   # the ctx row (image) of each state row
+            z = a[rows, s].to(z.dtype)                                  # (B, C) = a_{s_t}
         if cfg.gate:
             z = z * torch.sigmoid(hp[:, A:A + 1])                       # beta_t, a scalar per caption
         gates = x_gate + hp[:, A + 1:] + self.z_proj(self._drop(z, cfg.context_dropout))   # (B, 4H): [i, f, o, g]

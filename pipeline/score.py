@@ -128,6 +128,8 @@ def decode_split(loaded: Sequence[LoadedRun], split: str, cfg: "ScoreConfig", fe
         if st.bad[rows].any():
             raise UserError(f"{st.path}: {int(st.bad[rows].sum())} {split} image(s) are marked bad there but not "
                             f"in {store.path}; re-extract them or leave that run out of the ensemble.")
+    for r in loaded:
+        r.model.hard_context = cfg.hard_context
     model = loaded[0].model if len(loaded) == 1 else Ensemble([r.model for r in loaded], inputs)
     hyps, seconds = _decode(model, stores, rows, split, cfg)
     return DecodedSplit(list(loaded), store, split, rows, hyps, loaded[0].vocab, seconds, cfg)
@@ -367,6 +369,7 @@ def score_decoded(d: DecodedSplit, out_dir: Path, *, log=print, extra: dict | No
         f"({len(rows) / max(d.decode_s, 1e-9):.1f} images/s); {len(rows) - ended} hit max_len={cfg.max_len}. "
         f"Results: {res_path}")
     scores = {"split": split, "beam": cfg.beam, "length_norm": cfg.length_norm, "max_len": cfg.max_len,
+              "hard_context": cfg.hard_context,
               "features": [str(p) for p in store.paths] if len(store.paths) > 1 else str(store.path),
               "split_size": len(rows), "decode_seconds": round(d.decode_s, 2), "results": str(res_path),
               **(extra or {})}

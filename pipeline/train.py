@@ -202,7 +202,7 @@ class Features:
         if self.ram is not None:
             idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.ram.device, non_blocking=True)
             return self.ram[idx]
-        return torch.from_numpy(np.stack([self.lazy[int(r)] for r in rows]))
+        return torch.from_numpy(self.lazy.read(rows))
 
 
 class _Batches(torch.utils.data.Dataset):

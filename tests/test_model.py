@@ -245,3 +245,35 @@ def test_sample_shapes_masks_and_log_probs(attention):
         got = g[r].tolist()
         got = got[:got.index(2) + 1] if 2 in got else got
         assert got == want[r][:len(got)]
+
+
+def test_hard_decoding_contexts():
+    """A hard-attention decoder decodes with the expected context by default; argmax reads a_{argmax alpha},
+    sample reads a drawn location; soft decoders and training ignore the setting."""
+    m = _model(attention="hard").eval()
+    feats = torch.randn(2, 49, C)
+    state, ctx = m.init_state(feats)
+    prev = torch.tensor([1, 1])
+    expected = m.step(prev, state, ctx)[0]
+    m.hard_context = "argmax"
+    arg = m.step(prev, state, ctx)
+    assert not torch.allclose(arg[0], expected)
+    # the argmax context by hand: z = beta * a_{argmax alpha}, through the same LSTM and output
+    s = arg[1].argmax(1)
+    hp = m.h_proj(state[0])
+    A = m.cfg.attention_dim
+    z = feats[torch.arange(2), s] * torch.sigmoid(hp[:, A:A + 1])
+    x_gate = m.x_proj(m.embed(prev))
+    gates = x_gate + hp[:, A + 1:] + m.z_proj(z)
+    H = m.cfg.hidden_dim
+    ifo, g = torch.sigmoid(gates[:, :3 * H]), torch.tanh(gates[:, 3 * H:])
+    c = ifo[:, H:2 * H] * state[1] + ifo[:, :H] * g
+    h = ifo[:, 2 * H:] * torch.tanh(c)
+    torch.testing.assert_close(arg[0], torch.log_softmax(m._output(m.embed(prev), h, z), -1))
+    m.hard_context = "sample"
+    torch.manual_seed(0)
+    assert torch.isfinite(m.step(prev, state, ctx)[0]).all()
+    soft = _model().eval()
+    soft.hard_context = "argmax"
+    s1, c1 = soft.init_state(feats)
+    torch.testing.assert_close(soft.step(prev, s1, c1)[0], _model().eval().step(prev, s1, c1)[0])

@@ -144,3 +144,68 @@ def test_provenance_mismatch_and_latest_run(tmp_path, monkeypatch):
         # a run whose only checkpoint is last.pt (no epoch finished yet) is a run too
         assert latest_run().name == name
     assert coco_id("123") == 123 and coco_id("x.jpg") == "x.jpg"
+
+
+# ---- ensembles ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Three tiny trained runs: two on one cache (other seeds), one on another backbone's cache of the same
+    images, and one on other images."""
+    from helpers_store import make_store
+    from pipeline.config import DecoderConfig, TrainConfig
+    from pipeline.train import train
+    d = tmp_path_factory.mktemp("ens")
+    a = make_store(d / "a.h5", {"train": 16, "val": 4}, L=16, C=8)
+    b = make_store(d / "b.h5", {"train": 16, "val": 4}, L=16, C=6, backbone="other-net", seed=5)
+    c = make_store(d / "c.h5", {"train": 16, "val": 4}, L=16, C=8, dataset="other-images")
+    runs_ = {}
+    for name, feats, seed in (("a1", a, 0), ("a2", a, 1), ("b", b, 0), ("c", c, 0)):
+        cfg = TrainConfig(features=str(feats), epochs=2, batch_size=8, min_count=1, lr=3e-3, seed=seed)
+        train(cfg, DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0), d / name,
+              echo=lambda s: None)
+        runs_[name] = d / name
+    return runs_
+
+
+def test_ensemble_of_one_run_is_that_run(tiny_runs):
+    from pipeline import runs
+    from pipeline.decode import Ensemble
+    from pipeline.score import decode_split
+    cfg = ScoreConfig(split="val", beam=3, progress=False, workers=1)
+    one = runs.load_run(tiny_runs["a1"])
+    d1 = decode_split([one], "val", cfg)
+    ens = Ensemble([one.model])
+    x = torch.randn(3, 16, 8)
+    s1, c1 = one.model.init_state(x)
+    s2, c2 = ens.init_state(x)
+    prev = torch.tensor([1, 1, 1])
+    torch.testing.assert_close(ens.step(prev, s2, c2)[0], one.model.step(prev, s1, c1)[0], rtol=0, atol=0)
+    twice = decode_split([one, runs.load_run(tiny_runs["a1"])], "val", cfg)   # a run with itself: same captions
+    assert d1.captions == twice.captions and [h.tokens for h in d1.hyps] == [h.tokens for h in twice.hyps]
+
+
+def test_ensemble_mixes_backbones_of_the_same_images_and_refuses_other_data(tiny_runs, tmp_path):
+    from pipeline import runs
+    from pipeline.score import decode_split, run_score
+    cfg = ScoreConfig(split="val", beam=2, progress=False, workers=1)
+    a1, b = runs.load_run(tiny_runs["a1"]), runs.load_run(tiny_runs["b"])
+    d = decode_split([a1, runs.load_run(tiny_runs["a2"]), b], "val", cfg)   # b reads its own cache
+    assert len(d.hyps) == 4 and len(d.store.paths) == 1
+    with pytest.raises(UserError, match="made from different data.*dataset"):
+        decode_split([a1, runs.load_run(tiny_runs["c"])], "val", cfg)
+    lines = []
+    scores = run_score([tiny_runs["a1"], tiny_runs["b"]], cfg, log=lines.append)
+    out = tiny_runs["a1"].parent / "ensemble_a1+b"
+    assert scores["runs"] == [str(tiny_runs["a1"]), str(tiny_runs["b"])] and (out / "scores_val.json").exists()
+    assert json.loads((out / "results_val.json").read_text())[0]["image_id"] == "img00016"
+
+
+def test_ensemble_refuses_other_vocabularies(tiny_runs, monkeypatch):
+    from pipeline import runs
+    from pipeline.score import decode_split
+    a1 = runs.load_run(tiny_runs["a1"])
+    other = runs.load_run(tiny_runs["a2"])
+    other.vocab = Vocab(other.vocab.itos[4:] + ["extra"])
+    with pytest.raises(UserError, match="vocabularies differ"):
+        decode_split([a1, other], "val", ScoreConfig(progress=False))

@@ -69,3 +69,16 @@ def test_check_same_provenance(tmp_path):
     store.check_same_provenance(a, dict(a, preprocessing={"resize": [4, 4]}), what="x", where="y")
     with pytest.raises(UserError, match="preprocessing"):
         store.check_same_provenance(a, dict(a, preprocessing={"resize": [5, 4]}), what="x", where="y")
+
+
+def test_lazy_reads_in_any_order_and_fused(tmp_path):
+    """LazyFeatures.read (the trainer's out-of-core path) = load_features, for one cache and fused ones."""
+    import numpy as np
+    from helpers_store import make_store
+    a = make_store(tmp_path / "a.h5", {"train": 10, "val": 3}, L=16, C=4)
+    b = make_store(tmp_path / "b.h5", {"train": 10, "val": 3}, L=16, C=3, backbone="other", seed=2)
+    rows = [7, 2, 9, 2, 0]
+    want = store.open_features([a, b]).load_features(rows)
+    lazy = store.LazyFeatures([a, b])
+    assert np.array_equal(lazy.read(rows), want) and np.array_equal(np.stack([lazy[r] for r in rows]), want)
+    assert np.array_equal(store.LazyFeatures(a).read(rows), store.FeatureStore.open(a).load_features(rows))
