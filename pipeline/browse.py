@@ -61,6 +61,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .config import BrowseConfig
 from .errors import UserError
 
 FORMAT = 1
@@ -70,14 +71,6 @@ MARKER = ".pipeline-browse"
 # for most captions without a matching 4-gram, which makes it a poor sort key
 METRICS = ("CIDEr", "Bleu_4", "Bleu_1", "METEOR", "ROUGE_L")
 DEFAULT_METRIC = "CIDEr"
-
-
-@dataclass
-class BrowseConfig:
-    page_size: int = 50          # cards per page (and images per data file)
-    thumb: int = 224             # longest side of the JPEG thumbnails, pixels
-    quality: int = 85            # JPEG quality of the thumbnails
-    upscale: int = 16            # attention map upsampling in the browser (viz.upsample_alpha)
 
 
 @dataclass

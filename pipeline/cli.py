@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import config
+from .backbones import BACKBONES
 from .errors import UserError
 
 
@@ -153,8 +154,8 @@ def spice(lib, archive):
               help="Output HDF5 [default: features/<dataset>_<backbone>.h5].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--batch-size", default=None, type=click.IntRange(1),
-              help="Images per batch [default: the backbone's fastest CPU batch (vgg19 32, efficientnet_lite2 4); "
-                   "32 on GPU].")
+              help="Images per batch [default: the backbone's fastest CPU batch ("
+                   + ", ".join(f"{n} {s.cpu_batch}" for n, s in BACKBONES.items()) + "); 32 on GPU].")
 @click.option("--workers", default=None, type=int, help="Image decoding workers [default: CPUs - 1].")
 @click.option("--force", is_flag=True, help="Overwrite an existing (even finished) file.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in /bad instead of failing.")
@@ -295,7 +296,7 @@ def report(run_dirs, out, curves):
                 click.echo(f"curves: {p}")
 
 
-# ---- results browser (issue 13) ---------------------------------------------------------------
+# ---- results browser -----------------------------------------------------------------------------
 @main.command()
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
               help="Run directory [default: the run under runs/ with the newest checkpoint].")
@@ -310,23 +311,21 @@ def report(run_dirs, out, curves):
               help="Features file(s) of the --compare run [default: the ones recorded in it].")
 @click.option("--images", "image_root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder holding the images [default: the dataset root recorded in the features file].")
-@click.option("--page-size", default=50, show_default=True, type=click.IntRange(1, 1000), help="Cards per page.")
-@click.option("--thumb", default=224, show_default=True, type=click.IntRange(16, 1024),
-              help="Longest side of the JPEG thumbnails (pixels).")
+@options_from(config.BrowseConfig)
 @options_from(config.ScoreConfig)
-def browse(run_dir, compare, out, features, compare_features, image_root, page_size, thumb, **kw):
+def browse(run_dir, compare, out, features, compare_features, image_root, **kw):
     """Write a static results browser: per image the caption, references, scores and per-word attention.
 
     Open OUT/index.html from disk (no server). Cards sort by score (worst first) and filter by a word;
     hover, click or play the words of a caption to see where the model looked.
     """
-    from .browse import BrowseConfig, run_browse
+    from .browse import run_browse
     if image_root is not None and not image_root.is_dir():
         raise UserError(f"--images {image_root}: no such folder. Pass the folder holding the dataset's images.")
     cfg = config.ScoreConfig(**given(config.ScoreConfig, kw))
     index = run_browse(run_dir, cfg.split, cfg, compare=compare, out=out, features=list(features) or None,
                        compare_features=list(compare_features) or None, image_root=image_root,
-                       bcfg=BrowseConfig(page_size=page_size, thumb=thumb), log=click.echo)
+                       bcfg=config.BrowseConfig(**given(config.BrowseConfig, kw)), log=click.echo)
     click.echo(f"open {index}")
 
 

@@ -201,3 +201,14 @@ class CaptionConfig:
         check(self)
 
 
+
+
+@dataclass
+class BrowseConfig:
+    page_size: int = setting(50, "Cards per page (and images per data file of the site).", ge=1, le=1000)
+    thumb: int = setting(224, "Longest side of the JPEG thumbnails (pixels).", ge=16, le=1024)
+    quality: int = setting(85, "JPEG quality of the thumbnails.", ge=1, le=100)
+    upscale: int = setting(16, "Attention map upsampling in the browser (as viz.upsample_alpha).", ge=1, cli=False)
+
+    def __post_init__(self):
+        check(self)
