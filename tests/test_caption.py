@@ -97,3 +97,27 @@ def test_open_images_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)    # 64*64 > 2 * 10: Pillow raises DecompressionBombError
     with pytest.raises(UserError, match="decompression-bomb"):
         open_images([tmp_path / "big.png"])
+
+
+def test_caption_with_an_ensemble_and_a_fused_run(tmp_path, tiny):
+    """caption_images runs every backbone a run needs (fused: both) and averages an ensemble's members;
+    an ensemble of a run with itself captions as the run alone."""
+    from pipeline.caption import caption_images
+    from pipeline.config import CaptionConfig, DecoderConfig, TrainConfig
+    from pipeline.train import train
+    from test_extract import make_records
+    recs = make_records(tmp_path, n=12)
+    run(recs, tmp_path / "a.h5")
+    run(recs, tmp_path / "b.h5", backbone="tiny2")
+    dcfg = DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0)
+    for name, feats in (("single", [tmp_path / "a.h5"]), ("fused", [tmp_path / "a.h5", tmp_path / "b.h5"])):
+        train(TrainConfig(features=tuple(map(str, feats)), epochs=1, batch_size=4, min_count=1, lr=1e-2),
+              dcfg, tmp_path / name, echo=lambda s: None)
+    paths = [r.path for r in recs[:3]]
+    cfg = CaptionConfig(beam=2, device="cpu", weights_dir=str(tmp_path))
+    alone = caption_images(paths, tmp_path / "single", cfg, log=lambda s: None)
+    twice = caption_images(paths, [tmp_path / "single", tmp_path / "single"], cfg, log=lambda s: None)
+    assert [c.caption for c in alone] == [c.caption for c in twice]
+    fused = caption_images(paths, tmp_path / "fused", cfg, log=lambda s: None)
+    mixed = caption_images(paths, [tmp_path / "single", tmp_path / "fused"], cfg, log=lambda s: None)
+    assert len(fused) == len(mixed) == 3 and all(c.grid == (14, 14) for c in fused + mixed)
