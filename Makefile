@@ -11,7 +11,7 @@ RUN     ?= runs/$(DATASET)_$(BACKBONE)_soft
 ATTENTION ?= soft
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo weights efficientnet spice resmem extract train score bench bench-extract bench-train bench-decode clean
+.PHONY: venv test test-fast demo weights efficientnet spice resmem extract train score bench bench-extract bench-train bench-decode gpu-check clean
 
 venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -68,6 +68,12 @@ bench-train: venv
 
 bench-decode: venv
 	$(PY) benchmarks/bench_decode.py $(BENCH_ARGS)
+
+# On a CUDA machine (< 8 min): the `cuda` tests, GPU extraction / training / decoding throughput and an
+# end-to-end CLI run -> bench_out/gpu_check.{json,md}; exit 1 if a part failed. Without CUDA: one line, exit 0.
+# Dry run on CPU: make gpu-check GPU_CHECK_ARGS="--device cpu --tiny". See docs/gpu.md.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache demo

@@ -62,7 +62,7 @@ def train_tiny(feats: np.ndarray, vocab: int, steps: int, batch: int, seed: int 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", help="run directory (train.load_run); default: train a tiny model")
+    ap.add_argument("--run", help="run directory (runs.load_run); default: train a tiny model")
     ap.add_argument("--features", help="HDF5 features file (default: the run's, else random)")
     ap.add_argument("--split", default="val", help="split of --features to decode (default val)")
     ap.add_argument("--images", type=int, default=1000)
@@ -86,12 +86,15 @@ def main(argv=None):
     feats = src = None
     model = None
     if a.run:
-        from pipeline.train import load_run
-        model, vocab, ckpt = load_run(a.run)
-        a.features = a.features or ckpt.get("features_path")
-    if a.features and Path(a.features).exists():
-        from pipeline.store import FeatureStore
-        st = FeatureStore.open(a.features)
+        from pipeline.runs import feature_paths, load_run
+        run = load_run(a.run)
+        model = run.model
+        a.features = a.features or [str(p) for p in feature_paths(run.ckpt, run.run_dir)]
+    if isinstance(a.features, str):
+        a.features = [a.features]
+    if a.features and all(Path(f).exists() for f in a.features):
+        from pipeline.store import open_features
+        st = open_features(a.features)
         rows = st.rows(a.split)[:a.images]
         feats, src = st.load_features(rows).astype(np.float32), f"{a.features}:{a.split}"
     if feats is None:

@@ -160,11 +160,14 @@ def spice(lib, archive):
 @click.option("--force", is_flag=True, help="Overwrite an existing (even finished) file.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in /bad instead of failing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="JPEG decoding and preprocessing: cpu (Pillow in --workers processes), gpu (nvjpeg and tensor ops "
+                   "on the device, docs/gpu.md), auto (gpu when the device is cuda). Both write the same cache.")
 @click.option("--merge", type=click.Choice(["vds", "copy"]), default="vds", show_default=True,
               help="Under torchrun: OUT is a virtual dataset over the per-rank shards OUT.rank<r>-of<W>.h5 "
                    "(vds), or a standalone copy (copy).")
 def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_size, workers, force, skip_bad, device,
-            merge):
+            decode, merge):
     """Run a frozen backbone over every image once into an HDF5 cache (resumable)."""
     from . import datasets
     from .extract import extract as run_extract
@@ -173,12 +176,13 @@ def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_si
     records = datasets.load_records(dataset, root)
     kw = dict(dataset=dataset, backbone=backbone, weights=weights_, weights_dir=weights_dir, dtype=dtype,
               batch_size=batch_size, workers=workers, force=force, skip_bad=skip_bad, device=device,
-              dataset_root=root)
+              dataset_root=root, decode=decode)
     from . import distributed
     if distributed.env_world_size() > 1:   # torchrun: one shard per process (docs/distributed.md)
+        from .extract import extract_distributed
         main_rank = distributed.init_from_env(distributed.backend_for(device)).is_main
         try:
-            res = distributed.extract_distributed(records, out, merge=merge, echo=click.echo, **kw)
+            res = extract_distributed(records, out, merge=merge, echo=click.echo, **kw)
         finally:
             distributed.cleanup()
         if not main_rank:

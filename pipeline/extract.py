@@ -242,7 +242,7 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
             weights: str | None = None, weights_dir: str | Path = "weights", dtype: str = "float16",
             batch_size: int | None = None, workers: int | None = None, force: bool = False,
             skip_bad: bool = False, device: str = "auto", dataset_root: str | Path | None = None, progress: bool = True,
-            max_batches: int | None = None) -> ExtractResult:
+            max_batches: int | None = None, decode: str = "auto") -> ExtractResult:
     """Fill (or resume) `out` with features of `records`. `max_batches` stops early (tests, benchmarks).
     batch_size None: the backbone's `cpu_batch` on CPU, 32 on GPU. One process at a time writes a
     file: a second one is refused (`lock_path`) before it does any work."""
@@ -260,11 +260,11 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
         return _extract(records, out, dataset=dataset, backbone=backbone, weights=weights,
                         weights_dir=weights_dir, dtype=dtype, batch_size=batch_size, workers=workers, force=force,
                         skip_bad=skip_bad, device=device, dataset_root=dataset_root, progress=progress,
-                        max_batches=max_batches)
+                        max_batches=max_batches, decode=decode)
 
 
 def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dtype, batch_size, workers, force,
-             skip_bad, device, dataset_root, progress, max_batches) -> ExtractResult:
+             skip_bad, device, dataset_root, progress, max_batches, decode="auto") -> ExtractResult:
     import h5py
     import torch
     from tqdm import tqdm
@@ -307,12 +307,15 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
         torch.backends.cudnn.allow_tf32 = True
     amp = getattr(torch, spec.amp) if (cuda and spec.amp) else None
     paths = [str(r.path) for r in records]
-    loader = torch.utils.data.DataLoader(
-        _Images(paths, todo, spec.preprocessing), batch_size=batch_size, shuffle=False,
-        num_workers=workers, collate_fn=_collate, pin_memory=cuda,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
-
-    batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
+    from .gpu_images import gpu_batches, resolve_decode
+    if resolve_decode(decode, dev) == "gpu":     # JPEG bytes -> nvjpeg -> resize + normalise on the device
+        batches = gpu_batches(paths, todo, spec.preprocessing, batch_size, dev, threads=max(1, workers))
+    else:
+        loader = torch.utils.data.DataLoader(
+            _Images(paths, todo, spec.preprocessing), batch_size=batch_size, shuffle=False,
+            num_workers=workers, collate_fn=_collate, pin_memory=cuda,
+            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
     writer = _Writer(out, dtype)
     writer.start()
     bad: list[str] = []
@@ -354,6 +357,8 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
         raise
     finally:
         bar.close()
+        if hasattr(batches, "close"):
+            batches.close()    # the GPU input path's reader threads
     result.seconds = time.perf_counter() - t0
     result.bad = bad
     if bad and not skip_bad:
@@ -404,7 +409,7 @@ def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str
                         dtype: str = "float16", batch_size: int | None = None, workers: int | None = None,
                         force: bool = False, skip_bad: bool = False, device: str = "auto",
                         dataset_root: str | Path | None = None, progress: bool = True,
-                        echo: Callable[[str], None] = print):
+                        echo: Callable[[str], None] = print, decode: str = "auto"):
     """Extract `records` into OUT with every process of the torchrun group (call it on every rank).
 
     Returns an extract.ExtractResult summed over the ranks (seconds: the slowest rank).
@@ -414,7 +419,7 @@ def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str
     from .batching import shard
 
     kw = dict(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, dtype=dtype,
-              batch_size=batch_size, skip_bad=skip_bad, device=device, dataset_root=dataset_root)
+              batch_size=batch_size, skip_bad=skip_bad, device=device, dataset_root=dataset_root, decode=decode)
     if merge not in ("vds", "copy"):
         raise UserError(f"--merge {merge}: choose vds or copy.")
     info = distributed.current()
