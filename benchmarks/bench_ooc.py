@@ -173,6 +173,7 @@ def main():
               f"peak PSS with its readers {results['lazy']['peak_pss_tree_mb']} MB")
     results["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(results, indent=1))
 
 

@@ -1,4 +1,4 @@
-"""End to end: the demo's chain (synth -> extract -> train -> score -> caption) on a tiny set."""
+"""End to end: the demo's chain (synth -> extract -> train -> score -> caption -> browse) on a tiny set."""
 import json
 from pathlib import Path
 
@@ -28,3 +28,7 @@ def test_demo_end_to_end(tmp_path):
     results = json.loads((run / "results_test.json").read_text())
     assert len(results) == 4 and all(r["caption"].strip() for r in results)
     assert len(list(out.glob("attention*.png"))) == 2
+    site = out / "browse"
+    assert (site / "index.html").exists() and (site / "data" / "index.js").exists()
+    assert len(list((site / "img").glob("*.jpg"))) == 6                 # one thumbnail per val image
+    assert f"{site / 'index.html'}" in result.output
