@@ -265,16 +265,52 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
 
 def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dtype, batch_size, workers, force,
              skip_bad, device, dataset_root, progress, max_batches, decode="auto") -> ExtractResult:
-    import h5py
+    """The extraction proper (the lock held): open or create OUT, then run the backbone over the rows to do."""
     import torch
-    from tqdm import tqdm
-    from . import store
-    from .backbones import load_backbone
 
     dev = resolve_device(device)
+    from .backbones import load_backbone
     module, spec, sha = load_backbone(backbone, weights, weights_dir)
-    prov = make_provenance(spec, sha, dataset, records, dtype)
+    todo = _rows_to_do(out, records, make_provenance(spec, sha, dataset, records, dtype), spec, dtype=dtype,
+                       force=force, skip_bad=skip_bad, dataset_root=dataset_root)
+    result = ExtractResult(out, len(records), 0)
+    if len(todo) == 0:
+        return result
+    cuda = dev == "cuda"
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if workers is None else workers
+    batch_size = batch_size or (32 if cuda else spec.cpu_batch)
+    module = module.to(dev).to(memory_format=torch.channels_last)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    paths = [str(r.path) for r in records]
+    from .gpu_images import gpu_batches, resolve_decode
+    if resolve_decode(decode, dev) == "gpu":     # JPEG bytes -> nvjpeg -> resize + normalise on the device
+        batches = gpu_batches(paths, todo, spec.preprocessing, batch_size, dev, threads=max(1, workers))
+    else:
+        loader = torch.utils.data.DataLoader(
+            _Images(paths, todo, spec.preprocessing), batch_size=batch_size, shuffle=False,
+            num_workers=workers, collate_fn=_collate, pin_memory=cuda,
+            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
+    t0 = time.perf_counter()
+    result.computed, bad = _run_backbone(module, spec, batches, out, paths, len(todo), dev=dev, dtype=dtype,
+                                         skip_bad=skip_bad, progress=progress, max_batches=max_batches)
+    result.seconds, result.bad = time.perf_counter() - t0, bad
+    if bad and not skip_bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise UserError(f"{len(bad)} image(s) could not be read:\n  {shown}\n"
+                        f"Fix or remove them and re-run (finished rows are kept), or pass --skip-bad to "
+                        f"record them in /bad of {out}.")
+    return result
 
+
+def _rows_to_do(out: Path, records, prov: dict, spec, *, dtype, force, skip_bad, dataset_root) -> np.ndarray:
+    """Create OUT (or check an existing one is the same extraction, refreshing changed captions);
+    the rows still to compute: not done, and earlier --skip-bad rows unless skipping again."""
+    import h5py
+    from . import store
     if out.exists() and not force:
         try:
             attrs = store.read_attrs(out)
@@ -288,39 +324,21 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
                      dtype=dtype, dataset_root=dataset_root)
     with h5py.File(out, "r") as f:
         done, bad_mask = f["done"][()], f["bad"][()]
-    todo = np.flatnonzero(~done)
-    if not skip_bad:
-        todo = np.flatnonzero(~done | bad_mask)    # earlier --skip-bad rows are retried without it
-    result = ExtractResult(out, len(records), 0)
-    if len(todo) == 0:
-        return result
+    return np.flatnonzero(~done if skip_bad else ~done | bad_mask)
 
-    if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+
+def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, dtype, skip_bad, progress,
+                  max_batches) -> tuple[int, list[str]]:
+    """Backbone over the batches (rows, x (B,3,H,W), errs), rows handed to the writer thread; returns
+    (rows computed, bad images). A writer failure (a full disk) stops it with one error."""
+    import torch
+    from tqdm import tqdm
     cuda = dev == "cuda"
-    if batch_size is None:
-        batch_size = 32 if cuda else spec.cpu_batch
-    module = module.to(dev).to(memory_format=torch.channels_last)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     amp = getattr(torch, spec.amp) if (cuda and spec.amp) else None
-    paths = [str(r.path) for r in records]
-    from .gpu_images import gpu_batches, resolve_decode
-    if resolve_decode(decode, dev) == "gpu":     # JPEG bytes -> nvjpeg -> resize + normalise on the device
-        batches = gpu_batches(paths, todo, spec.preprocessing, batch_size, dev, threads=max(1, workers))
-    else:
-        loader = torch.utils.data.DataLoader(
-            _Images(paths, todo, spec.preprocessing), batch_size=batch_size, shuffle=False,
-            num_workers=workers, collate_fn=_collate, pin_memory=cuda,
-            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
-        batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
     writer = _Writer(out, dtype)
     writer.start()
-    bad: list[str] = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract {spec.name}", disable=not progress,
+    computed, bad = 0, []
+    bar = tqdm(total=total, unit="img", desc=f"extract {spec.name}", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     try:
         with torch.inference_mode():
@@ -344,7 +362,7 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
                         rows, feats, isbad = rows[keep], feats[keep], isbad[keep]
                 if len(rows):
                     writer.put(rows, feats, isbad)
-                result.computed += len(rows)
+                computed += len(rows)
                 bar.update(len(errs))
                 if bad:
                     bar.set_postfix(bad=len(bad))
@@ -359,14 +377,7 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
         bar.close()
         if hasattr(batches, "close"):
             batches.close()    # the GPU input path's reader threads
-    result.seconds = time.perf_counter() - t0
-    result.bad = bad
-    if bad and not skip_bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise UserError(f"{len(bad)} image(s) could not be read:\n  {shown}\n"
-                        f"Fix or remove them and re-run (finished rows are kept), or pass --skip-bad to "
-                        f"record them in /bad of {out}.")
-    return result
+    return computed, bad
 
 
 # ---- several processes (torchrun) ---------------------------------------------------------------
