@@ -1,6 +1,7 @@
 """Frozen CNN backbones: registry of specs (input size, grid, feature dim, preprocessing, builder).
 
-A backbone maps a preprocessed batch (B, 3, H, W) to a (B, C, 14, 14) grid of annotation vectors.
+A backbone maps a preprocessed batch (B, 3, H, W) to a (B, C, h, w) grid of annotation vectors
+(14x14 for every entry but `resnet152_resmem_224`, whose 224-px input gives 7x7).
 Add one by adding an entry to BACKBONES. `spec.preprocessing` is a plain dict: it is recorded in the
 feature file's provenance and `spec.preprocess` is computed from it, so caption.py reproduces
 extraction exactly.

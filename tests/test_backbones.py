@@ -29,7 +29,9 @@ def np_conv3x3_relu(x: np.ndarray, k: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_registry_entries():
     for name, s in backbones.BACKBONES.items():
-        assert s.name == name and s.grid == (14, 14) and s.num_regions == 196
+        # every entry gives the paper's 14x14 grid except the opt-in 224-px ResNet-152 (stride 32 -> 7x7)
+        want = (7, 7) if name == "resnet152_resmem_224" else (14, 14)
+        assert s.name == name and s.grid == want and s.num_regions == want[0] * want[1]
         assert {"resize", "channels", "mean", "std", "scale"} <= set(s.preprocessing)
     assert backbones.BACKBONES["vgg19"].feature_dim == 512 and backbones.BACKBONES["vgg19"].input_size == 224
     assert backbones.BACKBONES["densenet161"].feature_dim == 2208
