@@ -10,6 +10,7 @@ from .runs import read_config, read_log
 from .viz import plot_bleu4
 
 COLUMNS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+SPICE = "SPICE"     # a column only when some run was scored with the SPICE jars installed (make spice)
 
 
 def _json(path: Path) -> dict:
@@ -49,9 +50,10 @@ def _fmt(v, scale=1.0, nd=2):
 def markdown_table(rows: list[dict]) -> str:
     has_test = any(r["test"] for r in rows)
     has_att = any("att_mass" in r["val"] or "att_mass" in r["test"] for r in rows)
-    metric_cols = [("val", m) for m in COLUMNS] + ([("val", "att_mass")] if has_att else [])
+    cols = COLUMNS + ((SPICE,) if any(SPICE in r["val"] or SPICE in r["test"] for r in rows) else ())
+    metric_cols = [("val", m) for m in cols] + ([("val", "att_mass")] if has_att else [])
     if has_test:
-        metric_cols += [("test", m) for m in COLUMNS] + ([("test", "att_mass")] if has_att else [])
+        metric_cols += [("test", m) for m in cols] + ([("test", "att_mass")] if has_att else [])
     head = ["run", "dataset", "backbone", "attention", "beam"] + \
            [f"{s} {m.replace('_', '-').replace('att-mass', 'att.acc')}" for s, m in metric_cols] + ["epochs", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]

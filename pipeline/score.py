@@ -416,7 +416,7 @@ def score_split(model, vocab: Vocab, store, out_dir: Path, cfg: ScoreConfig, *,
 def run_score(run_dirs: Sequence[str | Path] | str | Path | None, cfg: ScoreConfig,
               features: Sequence[str | Path] | None = None, log=print) -> dict:
     """`pipeline score`: one run (its results and scores go into the run directory) or an ensemble
-    of runs (into runs/ensemble_<names>/, unless --out)."""
+    of runs (into runs/ensemble_<names>/ beside the first run)."""
     if run_dirs is None or isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
     if not java_available():

@@ -69,6 +69,12 @@ def test_report_and_curves(tmp_path, monkeypatch):
     assert "| 3 | 3.0 |" in md   # epochs, minutes (3 x 60 s)
     assert "| r3 | flickr8k | vgg19+efficientnet_lite2 | hard |" in md
     assert (tmp_path / "runs" / "report.png").exists() and (tmp_path / "runs" / "r1" / "curves.png").exists()
+    assert "SPICE" not in md                     # no run has SPICE: no column
+    sc = tmp_path / "runs" / "r1" / "scores_val.json"
+    sc.write_text(json.dumps(dict(json.loads(sc.read_text()), metrics={"Bleu_4": 0.2, "SPICE": 0.131})))
+    assert CliRunner().invoke(main, ["report", "runs/r1", "runs/r2"]).exit_code == 0
+    md = (tmp_path / "runs" / "report.md").read_text()
+    assert "val SPICE" in md and "| 13.10 |" in md
     res = CliRunner().invoke(main, ["report", "nope"])
     assert res.exit_code == 2 and "not a directory" in res.output
 
