@@ -277,3 +277,45 @@ def test_hard_decoding_contexts():
     soft.hard_context = "argmax"
     s1, c1 = soft.init_state(feats)
     torch.testing.assert_close(soft.step(prev, s1, c1)[0], _model().eval().step(prev, s1, c1)[0])
+
+
+@pytest.mark.parametrize("per_word", [True, False])
+def test_hard_loss_is_eq12_term_by_term(per_word):
+    """The hard-attention surrogate against eq. 12 written out by hand, loop by loop: its value and its
+    gradients with respect to log p(s) and H[alpha] (lambda_r (R_n - b) / (B T) per step, with R_n the
+    per-word or whole-caption log-likelihood; lambda_e / (B T) per step, only for sampled captions)."""
+    lr_, le_, b = 0.7, 0.05, -2.5
+    m = _model(attention="hard", reinforce_weight=lr_, entropy_weight=le_, alpha_c=0.0, reward_per_word=per_word)
+    m.baseline.fill_(b)
+    torch.manual_seed(3)
+    B, T = 4, 5
+    tokens = torch.randint(4, V, (B, T + 1))
+    logits = torch.randn(B, T, V)
+    logp_s = torch.randn(B, T, requires_grad=True)
+    ent = torch.rand(B, T, requires_grad=True)
+    sampled = torch.tensor([True, False, True, True])
+    out = {"logits": logits, "alphas": torch.full((B, T, L), 1.0 / L), "logp_s": logp_s, "entropy": ent,
+           "sampled": sampled}
+    loss, parts = m.loss(out, tokens)
+    loss.backward()
+
+    lsm = torch.log_softmax(logits, -1)
+    nll = sum(-lsm[i, t, tokens[i, t + 1]].item() for i in range(B) for t in range(T)) / (B * T)
+    want, g_lp, g_ent = nll, torch.zeros(B, T), torch.zeros(B, T)
+    for i in range(B):
+        if not sampled[i]:
+            continue
+        loglik = sum(lsm[i, t, tokens[i, t + 1]].item() for t in range(T))
+        r = loglik / T if per_word else loglik
+        for t in range(T):
+            # eq. 12 per word: lambda_r (r - b) d log p(s_t) and lambda_e d H_t, each averaged over B x T words
+            coef = (r - b) / (B if per_word else B * T)
+            want += -lr_ * coef * logp_s[i, t].item() - le_ * ent[i, t].item() / (B * T)
+            g_lp[i, t], g_ent[i, t] = -lr_ * coef, -le_ / (B * T)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(logp_s.grad, g_lp)
+    torch.testing.assert_close(ent.grad, g_ent)
+    rewards = [sum(lsm[i, t, tokens[i, t + 1]].item() for t in range(T)) / (T if per_word else 1) for i in (0, 2, 3)]
+    assert parts["reward"].item() == pytest.approx(np.mean(rewards), rel=1e-5)
+    m.update_baseline(parts["reward_sum"], parts["reward_n"])
+    assert m.baseline.item() == pytest.approx(0.9 * b + 0.1 * np.mean(rewards), rel=1e-5)
