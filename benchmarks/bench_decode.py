@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.decode import decode_features  # noqa: E402
+from pipeline.decoder.decode import decode_features  # noqa: E402
 
 
 def random_features(n: int, L: int, C: int, seed: int = 0) -> np.ndarray:
@@ -36,7 +36,7 @@ def random_features(n: int, L: int, C: int, seed: int = 0) -> np.ndarray:
 
 def train_tiny(feats: np.ndarray, vocab: int, steps: int, batch: int, seed: int = 0, log=print):
     """A default-size Decoder taught to end its captions: synthetic 8-16 word captions, Zipf word choice."""
-    from pipeline.model import Decoder, DecoderConfig
+    from pipeline.decoder.model import Decoder, DecoderConfig
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = Decoder(DecoderConfig(), vocab, feats.shape[2])
@@ -86,14 +86,14 @@ def main(argv=None):
     feats = src = None
     model = None
     if a.run:
-        from pipeline.runs import feature_paths, load_run
+        from pipeline.training.runs import feature_paths, load_run
         run = load_run(a.run)
         model = run.model
         a.features = a.features or [str(p) for p in feature_paths(run.ckpt, run.run_dir)]
     if isinstance(a.features, str):
         a.features = [a.features]
     if a.features and all(Path(f).exists() for f in a.features):
-        from pipeline.store import open_features
+        from pipeline.cache.store import open_features
         st = open_features(a.features)
         rows = st.rows(a.split)[:a.images]
         feats, src = st.load_features(rows).astype(np.float32), f"{a.features}:{a.split}"
@@ -102,7 +102,7 @@ def main(argv=None):
     print(f"features: {src} {feats.shape}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     if model is None:
-        from pipeline.model import Decoder, DecoderConfig
+        from pipeline.decoder.model import Decoder, DecoderConfig
         cache = Path(a.model_cache) if a.model_cache else None
         key = {"vocab": a.vocab, "steps": a.train_steps, "C": feats.shape[2]}
         if cache and cache.exists() and (c := torch.load(cache, weights_only=False)).get("key") == key:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.backbones import BACKBONES, load_backbone  # noqa: E402
+from pipeline.extraction.backbones import BACKBONES, load_backbone  # noqa: E402
 
 
 def timed(fn, seconds: float, min_reps: int = 2) -> float:

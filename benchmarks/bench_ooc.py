@@ -9,7 +9,7 @@ Three measurements, each in its own process (so peak RSS is its own):
   read  random rows of the big cache in the trainer's batches (64 images of one caption length,
         shuffled), through store.LazyFeatures, after evicting the file from the page cache
         (posix_fadvise DONTNEED): MB/s and rows/s from disk;
-  lazy  `pipeline.train.train` on the big cache with --in-ram no (DataLoader workers read ahead);
+  lazy  `pipeline.training.train.train` on the big cache with --in-ram no (DataLoader workers read ahead);
   ram   the same model on the small cache (a 10,000-image subset) with --in-ram yes.
 Captions/s is the trainer's own figure (captions / training seconds of the steps run); peak RSS is
 ru_maxrss of the trainer process, and the peak PSS of the trainer with its reader processes (shared
@@ -93,8 +93,8 @@ class PeakPss:
 
 
 def child_read(a) -> dict:
-    from pipeline import store
-    from pipeline.batching import BucketBatchSampler, select_lengths
+    from pipeline.cache import store
+    from pipeline.training.batching import BucketBatchSampler, select_lengths
     st = store.FeatureStore.open(a.big)
     rows, caps = st.captions_of("train")
     lengths = np.array([len(c.split()) for c in caps])
@@ -117,8 +117,8 @@ def child_read(a) -> dict:
 
 def child_train(a, mode: str) -> dict:
     from pipeline.config import DecoderConfig, TrainConfig
-    from pipeline.runs import load_run
-    from pipeline.train import train
+    from pipeline.training.runs import load_run
+    from pipeline.training.train import train
     path = a.big if mode == "lazy" else a.small
     if mode == "lazy":
         _evict(path)

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import caption_lengths  # noqa: E402
-from pipeline.batching import BucketBatchSampler, select_lengths  # noqa: E402
+from pipeline.training.batching import BucketBatchSampler, select_lengths  # noqa: E402
 from pipeline.config import DecoderConfig  # noqa: E402
-from pipeline.model import Decoder  # noqa: E402
-from pipeline.objectives import CrossEntropy, SelfCritical, TrainCiderD, tokenized  # noqa: E402
-from pipeline.text import Vocab  # noqa: E402
+from pipeline.decoder.model import Decoder  # noqa: E402
+from pipeline.training.objectives import CrossEntropy, SelfCritical, TrainCiderD, tokenized  # noqa: E402
+from pipeline.data.text import Vocab  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
 
@@ -40,7 +40,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
 def train_references() -> tuple[list[list[str]], str]:
     """Tokenized references of the Flickr8k train images (or 6000 synthetic images when absent)."""
     if (SHARED / "Flickr8k.token.txt").exists():
-        from pipeline.datasets import load_records
+        from pipeline.data.datasets import load_records
         recs = [r for r in load_records("flickr8k", SHARED, check_images=False) if r.split == "train"]
         return [tokenized(r.captions) for r in recs], "Flickr8k train captions"
     rng = np.random.default_rng(0)
@@ -84,7 +84,7 @@ def main():
     reward = _Timed(TrainCiderD(refs))
     df_s = time.perf_counter() - t0
     if args.run:
-        from pipeline.runs import load_run, open_run_features
+        from pipeline.training.runs import load_run, open_run_features
         r = load_run(args.run)
         model, vocab = r.model, r.vocab
         pool = torch.from_numpy(open_run_features(r.ckpt, r.run_dir).load_features(range(256)))   # real rows

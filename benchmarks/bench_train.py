@@ -8,7 +8,7 @@ real training steps (forward, loss, backward, clip, step) on random fp16 feature
 like train.py does. Batches come from the bucket sampler over Flickr8k caption lengths (read from
 ../shared/flickr8k/Flickr8k.token.txt when present, else a built-in Flickr8k length histogram), so
 lengths and the smaller tail batches of rare lengths are as in training. FLOPs count only the
-matmuls of forward + backward (pipeline.model.count_flops). The GEMM reference is a 2048^3 fp32
+matmuls of forward + backward (pipeline.decoder.model.count_flops). The GEMM reference is a 2048^3 fp32
 matmul timed in the same process before and after; the load average is printed because other
 processes on the machine change both numbers (captions per CPU-second of this process is printed
 too: with --threads 1 it is what one core gives when it is not time-shared).
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.batching import BucketBatchSampler, select_lengths  # noqa: E402
-from pipeline.model import Decoder, DecoderConfig, count_flops  # noqa: E402
-from pipeline.text import tokenize  # noqa: E402
+from pipeline.training.batching import BucketBatchSampler, select_lengths  # noqa: E402
+from pipeline.decoder.model import Decoder, DecoderConfig, count_flops  # noqa: E402
+from pipeline.data.text import tokenize  # noqa: E402
 
 TOKENS = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flickr8k.token.txt"
 # Flickr8k words-per-caption histogram (text.tokenize), lengths 1..30, used when the token file is absent.

@@ -11,10 +11,10 @@ any part failed, 0 otherwise; without CUDA one line and exit 0):
   environment                 GPU name and memory, torch / CUDA / cuDNN / torchvision versions, CPUs
   pytest                      the CUDA test subset: python -m pytest -q -m cuda (tests/test_cuda.py)
   extract_vgg19               extraction from 3072 JPEG files (Flickr8k, ../shared/flickr8k/images), images/s:
-  extract_efficientnet_lite2    decode + resize alone (pipeline.gpu_images), the network alone on a
+  extract_efficientnet_lite2    decode + resize alone (pipeline.extraction.gpu_images), the network alone on a
                                 preloaded batch, end to end with the GPU input path and with the CPU
                                 DataLoader path (extract._Images), the share of end-to-end time the GPU
-                                waits for input, pipeline.extract.extract() itself, and the pixel
+                                waits for input, pipeline.extraction.extract.extract() itself, and the pixel
                                 difference between the GPU and the Pillow preprocessing
   train                       decoder training captions/s (benchmarks/bench_train.py: 512/512/512, bf16
                                 autocast, Flickr8k caption lengths) at batch 64 and a larger batch
@@ -226,7 +226,7 @@ def image_files(ctx: Ctx, n: int) -> tuple[list[str], str]:
 
 def _load(backbone: str, notes: list):
     """(module, spec, weights label): the real weights when present, else random (throughput is the same)."""
-    from pipeline.backbones import load_backbone
+    from pipeline.extraction.backbones import load_backbone
     from pipeline.errors import UserError
     try:
         module, spec, sha = load_backbone(backbone, None, str(REPO / "weights"))
@@ -286,7 +286,7 @@ def _pixel_diff(paths, spec, gpu_x, rows, step) -> dict:
     import numpy as np
     import torch
     from PIL import Image
-    from pipeline.backbones import preprocess_image
+    from pipeline.extraction.backbones import preprocess_image
     pp = spec.preprocessing
     ref = torch.stack([preprocess_image(Image.open(paths[r]), pp) for r in rows])
     per_level = torch.tensor(pp["std"], dtype=torch.float32).view(1, 3, 1, 1) / (pp["scale"] / 255.0)
@@ -315,8 +315,8 @@ def part_extract(ctx: Ctx, backbone: str) -> dict:
 def _part_extract(ctx: Ctx, backbone: str) -> dict:
     import numpy as np
     import torch
-    from pipeline.extract import _collate, _Images
-    from pipeline.gpu_images import gpu_batches
+    from pipeline.extraction.extract import _collate, _Images
+    from pipeline.extraction.gpu_images import gpu_batches
 
     dev, sz, notes = ctx.device, ctx.sizes, []
     module, spec, weights = _load(backbone, notes)
@@ -368,7 +368,7 @@ def _part_extract(ctx: Ctx, backbone: str) -> dict:
     figs.append(figure(f"GPU waits for input (CPU input path, batch {big})", round(wait / dt, 3), "fraction of time",
                        cmd, network_bound_estimate=round(1 - min(1.0, n * t_net / dt), 3)))
 
-    # 5. pipeline.extract.extract() itself (HDF5 writer included), with the GPU input path once it is wired in
+    # 5. pipeline.extraction.extract.extract() itself (HDF5 writer included), with the GPU input path once it is wired in
     figs += _extract_api(ctx, backbone, paths, weights, big, cmd, notes)
 
     # 6. how far the GPU path's pixels are from Pillow's (nvjpeg vs libjpeg-turbo, resize rounding)
@@ -384,15 +384,15 @@ def _part_extract(ctx: Ctx, backbone: str) -> dict:
 def _extract_api(ctx: Ctx, backbone, paths, weights, batch, cmd, notes) -> list:
     import inspect
     import shutil
-    from pipeline.extract import extract
-    from pipeline.records import Record
+    from pipeline.extraction.extract import extract
+    from pipeline.data.records import Record
     recs = [Record(Path(p).name, Path(p), "train", ["a picture"]) for p in paths]
     modes = [None]
     if "decode" in inspect.signature(extract).parameters:
         modes = ["cpu", "gpu"]
     else:
-        notes.append("pipeline.extract.extract has no decode= option yet: extract() measured with its current "
-                     "(CPU) input path only; wire in pipeline.gpu_images (docs/gpu.md)")
+        notes.append("pipeline.extraction.extract.extract has no decode= option yet: extract() measured with its current "
+                     "(CPU) input path only; wire in pipeline.extraction.gpu_images (docs/gpu.md)")
     wdir = Path(tempfile.mkdtemp(prefix="gpu_check_extract_", dir=ctx.work))
     w = "random" if weights == "random" else None
     figs = []
@@ -499,7 +499,7 @@ def _cli(args: list[str], log: Path) -> tuple[bool, float, str]:
 def part_e2e(ctx: Ctx) -> dict:
     import shutil
     import torch
-    from pipeline.backbones import load_backbone
+    from pipeline.extraction.backbones import load_backbone
     d = ctx.work / "e2e"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import caption_lengths  # noqa: E402
-from pipeline import store  # noqa: E402
-from pipeline.records import Record  # noqa: E402
+from pipeline.cache import store  # noqa: E402
+from pipeline.data.records import Record  # noqa: E402
 
 
 def records(n: int, n_val: int, n_test: int, words: int, seed: int) -> list[Record]:

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import synth  # noqa: E402
-from pipeline.score import grid_and_size, cell_overlap  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
+from pipeline.data import synth  # noqa: E402
+from pipeline.inference.score import grid_and_size, cell_overlap  # noqa: E402
+from pipeline.cache.store import FeatureStore  # noqa: E402
 
 
 def object_vectors(st: FeatureStore, feats: np.ndarray, split: str):

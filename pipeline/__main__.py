@@ -1,4 +1,4 @@
 # `python -m pipeline ...` (also what torchrun runs: `torchrun ... -m pipeline train ...`).
-from .cli import main
+from pipeline.cli import main
 
 main()

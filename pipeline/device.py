@@ -1,7 +1,7 @@
 """--device auto|cpu|cuda -> the device to use, with one clear error when CUDA is asked for but absent."""
 from __future__ import annotations
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 
 def resolve_device(name: str) -> str:

@@ -15,14 +15,30 @@ import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT_MIN"   # collective timeout (rank 0 validates while others wait)
 DEFAULT_TIMEOUT_MIN = 60.0
+
+
+# ---- index shards --------------------------------------------------------------------------------
+def shard(indices: Sequence[int] | np.ndarray | int, rank: int, world: int) -> np.ndarray:
+    """Rank `rank`'s part of `indices` (or of range(indices) when an int): contiguous, in order.
+
+    The W parts are disjoint, cover `indices`, depend only on (len, rank, world), and their sizes
+    differ by at most one (the first len % W parts have one more).
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    idx = np.arange(indices) if isinstance(indices, (int, np.integer)) else np.asarray(indices)
+    n = len(idx)
+    q, m = divmod(n, world)
+    start = rank * q + min(rank, m)
+    return idx[start:start + q + (1 if rank < m else 0)]
 
 
 # ---- process group ---------------------------------------------------------------------------------

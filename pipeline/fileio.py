@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 
 # -- atomic writes ---------------------------------------------------------------------------------

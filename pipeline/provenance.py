@@ -5,7 +5,7 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-from . import __version__
+from pipeline import __version__
 
 
 def code_version() -> str:

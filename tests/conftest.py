@@ -20,7 +20,7 @@ SHARED_FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
 
 def make_shapes(tmp_path: Path, n_train: int = 6, n_val: int = 2, n_test: int = 2, seed: int = 0) -> Path:
     """Generate a tiny synthetic shapes set (224x224 JPEGs, 5 captions, boxes) under tmp_path; return its root."""
-    from pipeline import synth
+    from pipeline.data import synth
 
     root = Path(tmp_path) / f"shapes_{n_train}_{n_val}_{n_test}_{seed}"
     synth.generate(root, synth.SynthConfig(train=n_train, val=n_val, test=n_test, seed=seed))
@@ -85,5 +85,5 @@ def _spice_only_where_asked(request, monkeypatch):
     """SPICE (when `make spice` installed it) costs ~15 s of Java start-up per scoring call: tests that
     score run without it unless marked `spice` (tests/test_spice.py runs the real thing)."""
     if request.node.get_closest_marker("spice") is None:
-        import pipeline.score
-        monkeypatch.setattr(pipeline.score, "spice_available", lambda: False)
+        import pipeline.inference.score
+        monkeypatch.setattr(pipeline.inference.score, "spice_available", lambda: False)

@@ -1,7 +1,7 @@
 """Tiny feature stores for tests (no images, no backbone): `from helpers_store import make_store`.
 
 make_store(path, n_per_split={"train": 8, "val": 4}, captions=None, L=196, C=16, ...) writes a
-complete cache with pipeline.store.create, fills /features and sets /done. By default the data is
+complete cache with pipeline.cache.store.create, fills /features and sets /done. By default the data is
 *structured*: image k belongs to class k % len(CLASSES), its features carry a class-specific
 pattern (plus noise), and its captions name the class, so a decoder can learn to caption it.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import store
+from pipeline.cache import store
 from pipeline.provenance import sha256_strings
-from pipeline.records import Record
+from pipeline.data.records import Record
 
 CLASSES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 TEMPLATES = ["a {c} {s}", "a {c} {s} on a plain background", "there is a {c} {s} in the picture",

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import backbones, weights as W
+from pipeline.extraction import backbones
+
+from pipeline.extraction import weights as W
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

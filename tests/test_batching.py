@@ -2,7 +2,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.batching import BucketBatchSampler, select_lengths
+from pipeline.training.batching import BucketBatchSampler, select_lengths
 
 
 def _lengths(seed=0, n=1000):

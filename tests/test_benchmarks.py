@@ -31,7 +31,7 @@ def test_big_cache_and_out_of_core_benchmark_run(tmp_path):
     big, small = tmp_path / "big.h5", tmp_path / "small.h5"
     _run(BENCH / "make_big_cache.py", "--out", big, "--images", "400", "--val", "40", "--test", "40")
     _run(BENCH / "make_big_cache.py", "--out", small, "--images", "200")
-    from pipeline import store
+    from pipeline.cache import store
     st = store.FeatureStore.open(big)
     assert st.num_images == 400 and st.done.all() and len(st.captions) == 2000 and st.feature_dim == 512
     out = tmp_path / "ooc.json"

@@ -1,4 +1,4 @@
-"""The results browser (pipeline/browse.py, pipeline/browse_assets/).
+"""The results browser (pipeline/reporting/browse.py, pipeline/browse_assets/).
 
 * site files written from fake data (fast): layout, maps round trip, default order, paging, the
   placeholder for a missing image, replacing an earlier site, refusing to replace anything else;
@@ -31,8 +31,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_shapes  # noqa: E402
 
-from pipeline import browse  # noqa: E402
-from pipeline.browse import BrowseConfig, RunResult, SiteData, check_same_images, write_site  # noqa: E402
+from pipeline.reporting import browse  # noqa: E402
+from pipeline.reporting.browse import BrowseConfig, RunResult, SiteData, check_same_images, write_site  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 CHROMIUM = os.environ.get("PIPELINE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,7 +52,7 @@ def _object_maps(words, objs, rng, grid=(14, 14), frame=(224, 224)):
     """(T, L) maps: object words look at the middle of their object's box, other words anywhere."""
     gh, gw = grid
     maps = rng.random((len(words), gh * gw)) * 0.05
-    from pipeline.synth import objects_named_by
+    from pipeline.data.synth import objects_named_by
     for t, w in enumerate(words):
         named = objects_named_by(w, objs)
         if named:
@@ -67,8 +67,8 @@ def _object_maps(words, objs, rng, grid=(14, 14), frame=(224, 224)):
 def shapes_site_data(tmp_path: Path, n: int = 8, runs: int = 2, seed: int = 0) -> SiteData:
     """Real synthetic images with boxes; run A says the first reference, run B the last one, cut short
     for some images; scores are random (fixed seed)."""
-    from pipeline import datasets
-    from pipeline.text import tokenize
+    from pipeline.data import datasets
+    from pipeline.data.text import tokenize
     root = make_shapes(tmp_path, 0, n, 0, seed)
     recs = [r for r in datasets.load_records("shapes", root) if r.split == "val"]
     rng = np.random.default_rng(seed)
@@ -210,8 +210,7 @@ def test_check_same_images():
 def test_demo_ends_with_the_browser(tmp_path, monkeypatch):
     import pipeline.demo as demo
     calls = []
-    monkeypatch.setattr(demo, "_run", calls.append)
-    demo.run_demo(tmp_path / "d", train=2, val=2, test=2, minutes=0.1, weights_dir="w", backbone="vgg19")
+    demo.run_demo(calls.append, tmp_path / "d", train=2, val=2, test=2, minutes=0.1, weights_dir="w", backbone="vgg19")
     assert calls[-1][:5] == ["browse", "--run", str(tmp_path / "d/runs/shapes_vgg19_soft"), "--split", "val"]
     assert calls[-1][-2:] == ["--out", str(tmp_path / "d/browse")]
 
@@ -222,7 +221,9 @@ def shapes_store(tmp_path: Path, n_train: int, n_val: int, seed: int = 0) -> Pat
     cell's mean colour (and a few noise channels) is its annotation vector."""
     import h5py
 
-    from pipeline import datasets, store
+    from pipeline.data import datasets
+
+    from pipeline.cache import store
     from pipeline.provenance import sha256_strings
     root = make_shapes(tmp_path, n_train, n_val, 0, seed)
     recs = datasets.load_records("shapes", root)
@@ -246,10 +247,10 @@ def shapes_store(tmp_path: Path, n_train: int, n_val: int, seed: int = 0) -> Pat
 
 
 def tiny_run(features: Path, run_dir: Path, seed: int = 0) -> Path:
-    from pipeline.train import DecoderConfig, TrainConfig, train
+    from pipeline.training.train import DecoderConfig, TrainConfig, train
     train(TrainConfig(features=str(features), epochs=1, max_steps=2, batch_size=8, min_count=1, lr=3e-3, seed=seed,
                       log_every=1000),
-          DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0), run_dir, echo=lambda *_: None)
+          DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0), run_dir, echo=lambda *_: None)
     return run_dir
 
 
@@ -474,7 +475,7 @@ def test_page_unscored_split(chromium, sites):
 
 
 def test_smoothing_matches_viz(chromium, sites):
-    from pipeline.viz import upsample_alpha
+    from pipeline.reporting.viz import upsample_alpha
     page = chromium.open(sites["single"][0])
     rng = np.random.default_rng(3)
     q = (rng.random(196) ** 4 * 255).round().astype(np.uint8)

@@ -5,17 +5,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import store
-from pipeline.caption import Encoder, open_images
+from pipeline.cache import store
+from pipeline.inference.caption import Encoder, open_images
 from pipeline.errors import UserError
-from pipeline.records import Record
+from pipeline.data.records import Record
 from test_extract import run, tiny_spec
 
 
 @pytest.fixture
 def tiny(monkeypatch):
     """Two tiny backbones (other weights) registered for the test, as in test_extract."""
-    from pipeline import backbones
+    from pipeline.extraction import backbones
     for name, seed in (("tiny", 0), ("tiny2", 1)):
         monkeypatch.setitem(backbones.BACKBONES, name, tiny_spec(name, seed=seed))
 
@@ -102,14 +102,14 @@ def test_open_images_errors(tmp_path, monkeypatch):
 def test_caption_with_an_ensemble_and_a_fused_run(tmp_path, tiny):
     """caption_images runs every backbone a run needs (fused: both) and averages an ensemble's members;
     an ensemble of a run with itself captions as the run alone."""
-    from pipeline.caption import caption_images
+    from pipeline.inference.caption import caption_images
     from pipeline.config import CaptionConfig, DecoderConfig, TrainConfig
-    from pipeline.train import train
+    from pipeline.training.train import train
     from test_extract import make_records
     recs = make_records(tmp_path, n=12)
     run(recs, tmp_path / "a.h5")
     run(recs, tmp_path / "b.h5", backbone="tiny2")
-    dcfg = DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0)
+    dcfg = DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0)
     for name, feats in (("single", [tmp_path / "a.h5"]), ("fused", [tmp_path / "a.h5", tmp_path / "b.h5"])):
         train(TrainConfig(features=tuple(map(str, feats)), epochs=1, batch_size=4, min_count=1, lr=1e-2),
               dcfg, tmp_path / name, echo=lambda s: None)

@@ -1,7 +1,7 @@
 """The GPU code paths: CUDA tests (marked `cuda`, each skipped without a CUDA device) and their CPU tests
 (not marked, so CI runs them):
 
-  CPU   pipeline.gpu_images (the GPU input path, run with the CPU JPEG decoder) against the CPU input path
+  CPU   pipeline.extraction.gpu_images (the GPU input path, run with the CPU JPEG decoder) against the CPU input path
         (backbones.preprocess_image / extract._Images) on real Flickr8k JPEGs and on odd files;
         train.fits_in_memory's GPU-memory branch (torch.cuda.mem_get_info faked);
         benchmarks/gpu_check.py: its dry run (--device cpu --tiny), its pytest command line, its no-GPU exit.
@@ -30,10 +30,11 @@ import torch
 from PIL import Image
 
 from conftest import SHARED_FLICKR8K
-from pipeline import backbones, gpu_images
-from pipeline.backbones import caffe_preprocessing, imagenet_preprocessing, preprocess_image, tflite_preprocessing
+from pipeline.extraction import backbones
+from pipeline.extraction import gpu_images
+from pipeline.extraction.backbones import caffe_preprocessing, imagenet_preprocessing, preprocess_image, tflite_preprocessing
 from pipeline.errors import UserError
-from pipeline.gpu_images import fast_path_refusal, gpu_batches, jpeg_header, resize_like_pil
+from pipeline.extraction.gpu_images import fast_path_refusal, gpu_batches, jpeg_header, resize_like_pil
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR_IMAGES = SHARED_FLICKR8K / "images"
@@ -227,7 +228,7 @@ def odd_files(d: Path, decoder_error: bool = True) -> list[str]:
 def check_like_cpu_path(paths, device, pp):
     """Rows, bad images and error messages exactly as extract._Images gives them; good pixels close.
     -> (max, mean) grey-level difference over the good images."""
-    from pipeline.extract import _Images
+    from pipeline.extraction.extract import _Images
     rows = np.arange(len(paths))[::-1].copy()                  # any order of any rows
     with gpu_batches(paths, rows, pp, 4, device, threads=3) as it:
         batches = list(it)
@@ -288,7 +289,7 @@ def test_close_early_stops_threads_and_errors_reach_the_consumer(flickr_paths, m
 
 
 def test_resolve_decode_and_bad_settings():
-    from pipeline.gpu_images import resolve_decode
+    from pipeline.extraction.gpu_images import resolve_decode
     assert resolve_decode("auto", "cuda") == "gpu" and resolve_decode("auto", "cpu") == "cpu"
     assert resolve_decode("gpu", "cpu") == "gpu" and resolve_decode("cpu", "cuda") == "cpu"
     with pytest.raises(UserError, match="--decode x: choose auto, cpu or gpu"):
@@ -302,11 +303,11 @@ def test_resolve_decode_and_bad_settings():
 def test_extract_caches_equal_with_both_decoders(tmp_path, monkeypatch):
     """Once extract() has a decode= option (docs/gpu.md), both input paths must write the same cache."""
     import inspect
-    from pipeline import store
-    from pipeline.extract import extract
+    from pipeline.cache import store
+    from pipeline.extraction.extract import extract
     from test_extract import make_records, tiny_spec
     if "decode" not in inspect.signature(extract).parameters:
-        pytest.skip("pipeline.extract.extract has no decode= option yet (wiring of pipeline.gpu_images: docs/gpu.md)")
+        pytest.skip("pipeline.extraction.extract.extract has no decode= option yet (wiring of pipeline.extraction.gpu_images: docs/gpu.md)")
     monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec())
     recs = make_records(tmp_path, n=12, bad=(5,))
     out = {}
@@ -323,7 +324,7 @@ def test_extract_caches_equal_with_both_decoders(tmp_path, monkeypatch):
 # ---- CPU: fits_in_memory's GPU branch ------------------------------------------------------------
 
 def test_fits_in_memory_checks_free_gpu_memory(monkeypatch):
-    from pipeline import train
+    from pipeline.training import train
     st = types.SimpleNamespace(num_images=10_000, num_regions=196, feature_dim=512, attrs={"dtype": "float16"})
     gib = 2 ** 30                                                     # the cache: 1.87 GiB
     monkeypatch.setattr(train.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 16 * 2 ** 20,   # 64 GiB free RAM
@@ -449,7 +450,7 @@ def tiny(monkeypatch):
 
 @cuda_test
 def test_extract_on_cuda_matches_cpu(tmp_path, tiny):
-    from pipeline import store
+    from pipeline.cache import store
     from test_extract import make_records, run
     recs = make_records(tmp_path, n=12, bad=(5,))
     a = run(recs, tmp_path / "cpu.h5", device="cpu", skip_bad=True).path
@@ -491,10 +492,10 @@ def test_gpu_batches_on_the_current_cuda_device(flickr_paths):
 def test_train_on_cuda_bf16_then_decode_on_cpu(tmp_path):
     from helpers_store import make_store
     from pipeline.config import DecoderConfig, TrainConfig
-    from pipeline.decode import beam_search, greedy_decode
-    from pipeline.runs import load_run
-    from pipeline.store import FeatureStore
-    from pipeline.train import train
+    from pipeline.decoder.decode import beam_search, greedy_decode
+    from pipeline.training.runs import load_run
+    from pipeline.cache.store import FeatureStore
+    from pipeline.training.train import train
     feats = make_store(tmp_path / "f.h5", {"train": 12, "val": 4}, L=16, C=8)
     cfg = TrainConfig(features=str(feats), epochs=1, batch_size=8, min_count=1, lr=3e-3, log_every=1000,
                       device="cuda")
@@ -514,8 +515,8 @@ def test_train_on_cuda_bf16_then_decode_on_cpu(tmp_path):
 
 @cuda_test
 def test_beam_search_on_cuda_equals_cpu(no_tf32):
-    from pipeline.decode import beam_search, greedy_decode
-    from pipeline.model import Decoder, DecoderConfig
+    from pipeline.decoder.decode import beam_search, greedy_decode
+    from pipeline.decoder.model import Decoder, DecoderConfig
     torch.manual_seed(0)
     model = Decoder(DecoderConfig(embed_dim=32, hidden_dim=32, attention_dim=32), 40, 16).eval()
     feats = torch.rand(6, 16, 16)
@@ -529,11 +530,11 @@ def test_beam_search_on_cuda_equals_cpu(no_tf32):
 
 @cuda_test
 def test_caption_on_cuda(tmp_path, tiny, shapes_factory, no_tf32):
-    from pipeline import store
-    from pipeline.caption import Encoder, caption_images, open_images
+    from pipeline.cache import store
+    from pipeline.inference.caption import Encoder, caption_images, open_images
     from pipeline.config import CaptionConfig, DecoderConfig, TrainConfig
-    from pipeline.datasets import load_records
-    from pipeline.train import train
+    from pipeline.data.datasets import load_records
+    from pipeline.training.train import train
     from test_extract import run
     root = shapes_factory(6, 2, 2)
     recs = load_records("shapes", root)
@@ -559,8 +560,8 @@ def test_caption_on_cuda(tmp_path, tiny, shapes_factory, no_tf32):
 @cuda_test
 def test_fits_in_memory_on_cuda(tmp_path, monkeypatch):
     from helpers_store import make_store
-    from pipeline import train
-    from pipeline.store import FeatureStore
+    from pipeline.training import train
+    from pipeline.cache.store import FeatureStore
     st = FeatureStore.open(make_store(tmp_path / "f.h5", {"train": 8, "val": 4}))
     asked = []
     real = torch.cuda.mem_get_info

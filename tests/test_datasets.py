@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import SHARED_FLICKR8K, make_flickr8k
-from pipeline import datasets
+from pipeline.data import datasets
 from pipeline.cli import main
 from pipeline.errors import UserError
 
@@ -24,7 +24,7 @@ def by_split(records):
 
 def test_flickr8k_reads_splits_in_file_order_and_skips_bogus(tmp_path, caplog):
     root = make_flickr8k(tmp_path, 4, 2, 2, n_unsplit=1)
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data.datasets"):
         records = datasets.load_records("flickr8k", root)
     assert [r.image_id for r in records] == [f"{1000 + k}_abc.jpg" for k in range(8)]  # unsplit 1008 dropped
     assert [r.split for r in records] == ["train"] * 4 + ["val"] * 2 + ["test"] * 2
@@ -88,7 +88,7 @@ def test_empty_caption_is_warned_and_skipped(tmp_path, caplog):
     lines = path.read_text().splitlines()
     lines[1] = lines[1].split("\t")[0] + "\t  "
     path.write_text("\n".join(lines))
-    with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.datasets"):
         records = datasets.load_records("flickr8k", root)
     assert len(records[0].captions) == 4
     assert any("1 empty caption" in r.getMessage() and "line 2" in r.getMessage() for r in caplog.records)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.decode import Hypothesis, beam_search, decode_features, greedy_decode
+from pipeline.decoder.decode import Hypothesis, beam_search, decode_features, greedy_decode
 
 PAD, START, END = 0, 1, 2
 Ctx = namedtuple("Ctx", "feats proj")
@@ -146,12 +146,12 @@ def test_large_beam_is_exhaustive():
 
 
 def test_real_decoder():
-    model_mod = pytest.importorskip("pipeline.model")
+    model_mod = pytest.importorskip("pipeline.decoder.model")
     try:
         cfg = model_mod.DecoderConfig()
         model = model_mod.Decoder(cfg, vocab_size=30, feature_dim=16)
     except Exception as e:  # the decoder's constructor may still be changing
-        pytest.skip(f"pipeline.model.Decoder not constructible yet: {e}")
+        pytest.skip(f"pipeline.decoder.model.Decoder not constructible yet: {e}")
     feats = torch.randn(5, 196, 16)
     toks, alps = greedy_decode(model, feats, max_len=8)
     hyps = beam_search(model, feats, beam=1, max_len=8)
@@ -163,7 +163,7 @@ def test_real_decoder():
 
 def test_real_decoder_ctx_per_image_equals_expanded_ctx():
     """model.Decoder takes ctx per image (ctx_per_image); beam search gives the same as with K copies."""
-    model_mod = pytest.importorskip("pipeline.model")
+    model_mod = pytest.importorskip("pipeline.decoder.model")
     torch.manual_seed(0)
     model = model_mod.Decoder(model_mod.DecoderConfig(embed_dim=16, hidden_dim=16, attention_dim=16),
                               vocab_size=30, feature_dim=16)

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from pipeline import distributed as D
-from pipeline import store
-from pipeline.batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler, shard
+from pipeline.cache import store
+from pipeline.distributed import shard
+from pipeline.training.batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler
 from pipeline.errors import UserError
-from pipeline.extract import extract_distributed
-from pipeline.records import Record
+from pipeline.extraction.extract import extract_distributed
+from pipeline.data.records import Record
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def spawn(fn, world: int, *args) -> None:
 
 def tiny_backbone_spec():
     """(B,3,28,28) -> (B,8,14,14); weights fixed by a seed, so every process builds the same one."""
-    from pipeline import backbones
+    from pipeline.extraction import backbones
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -183,7 +184,7 @@ def _synthetic_records(n: int) -> list[Record]:
 
 
 def _prov(records):
-    from pipeline.extract import split_hashes
+    from pipeline.extraction.extract import split_hashes
     return {"backbone": "syn", "weights_sha256": "0" * 64, "preprocessing": {"kind": "none"},
             "input_size": 28, "grid": [2, 2], "dataset": "syn", "split_hashes": split_hashes(records),
             "captions_sha256": store.captions_sha256(records), "code_version": "test", "created": "now"}
@@ -279,8 +280,8 @@ def test_single_process_helpers_without_torchrun(monkeypatch):
 # ---- 2 processes: sharded extraction -------------------------------------------------------------------
 
 def _extract_worker(rank, world, port, root, out, merge, reference):
-    from pipeline import backbones
-    from pipeline.extract import extract
+    from pipeline.extraction import backbones
+    from pipeline.extraction.extract import extract
     set_dist_env(rank, world, port)
     backbones.BACKBONES["dtiny"] = tiny_backbone_spec()
     root, out = Path(root), Path(out)
@@ -323,7 +324,7 @@ def test_two_process_extraction_equals_single_process(tmp_path, merge):
 
 
 def _bad_image_worker(rank, world, port, root, out, result):
-    from pipeline import backbones
+    from pipeline.extraction import backbones
     set_dist_env(rank, world, port)
     backbones.BACKBONES["dtiny"] = tiny_backbone_spec()
     recs = make_image_records(Path(root), 8)
@@ -362,11 +363,11 @@ def _toy_train(rank, world, steps, batch_size, ddp, attention="soft"):
     (ddp=True), or as ONE process that computes every rank's part of each step in turn (ddp=False):
     gradients summed with the DDP weights / W, hard attention's samples drawn with each rank's seed
     for its part, and one baseline update per step over all parts' captions."""
-    from pipeline.model import Decoder, DecoderConfig
-    from pipeline.objectives import CrossEntropy
+    from pipeline.decoder.model import Decoder, DecoderConfig
+    from pipeline.training.objectives import CrossEntropy
     lengths, tokens, feats = _toy_data()
     torch.manual_seed(0)
-    model = Decoder(DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0, attention=attention,
+    model = Decoder(DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0, attention=attention,
                                   hard_expected_prob=0.3), 12, 6).double()
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -424,17 +425,17 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path, atte
         torch.testing.assert_close(got[k], v, rtol=1e-9, atol=1e-10, msg=k)
 
 
-# ---- 2 processes: pipeline.train with DDP -------------------------------------------------------------
+# ---- 2 processes: pipeline.training.train with DDP -------------------------------------------------------------
 
 def _train_args(feats, **kw):
     from pipeline.config import DecoderConfig, TrainConfig
     cfg = TrainConfig(**dict(dict(features=(str(feats),), epochs=2, batch_size=7, min_count=1, lr=3e-3,
                                   log_every=1000, device="cpu"), **kw))
-    return cfg, DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0)
+    return cfg, DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0)
 
 
 def _train_worker(rank, world, port, feats, run, resume, kw):
-    from pipeline.train import train
+    from pipeline.training.train import train
     set_dist_env(rank, world, port)
     D.init_from_env()
     try:
@@ -462,8 +463,8 @@ def train_feats(tmp_path):
 
 
 def test_two_process_train_equals_one_process(train_feats, tmp_path):
-    """pipeline.train with 2 DDP ranks for a few steps = 1 process on the same (global) batches."""
-    from pipeline.train import train
+    """pipeline.training.train with 2 DDP ranks for a few steps = 1 process on the same (global) batches."""
+    from pipeline.training.train import train
     train(*_train_args(train_feats, max_steps=5), tmp_path / "one", echo=lambda s: None)
     spawn(_train_worker, 2, str(train_feats), str(tmp_path / "two"), False, {"max_steps": 5})
     a, b = _params(tmp_path / "one"), _params(tmp_path / "two")
@@ -474,7 +475,7 @@ def test_two_process_train_equals_one_process(train_feats, tmp_path):
 @pytest.mark.slow
 def test_resume_with_another_number_of_processes(train_feats, tmp_path):
     """2 ranks stop mid-epoch, 1 process resumes through validation, 2 ranks finish: = 1 process."""
-    from pipeline.train import train
+    from pipeline.training.train import train
     ref = train(*_train_args(train_feats, epochs=3), tmp_path / "one", echo=lambda s: None)
     run = tmp_path / "mixed"
     spawn(_train_worker, 2, str(train_feats), str(run), False, {"epochs": 3, "max_steps": 4})
@@ -490,7 +491,7 @@ def test_resume_with_another_number_of_processes(train_feats, tmp_path):
 
 def _cli_worker(rank, world, port, args):
     """One CLI command per process group, as under torchrun (a new group per command)."""
-    from pipeline import backbones
+    from pipeline.extraction import backbones
     from pipeline.cli import main
     set_dist_env(rank, world, port)
     backbones.BACKBONES["dtiny"] = tiny_backbone_spec()

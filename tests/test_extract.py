@@ -15,10 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import backbones, store
+from pipeline.extraction import backbones
+
+from pipeline.cache import store
 from pipeline.errors import UserError
-from pipeline.extract import extract, info
-from pipeline.records import Record
+from pipeline.extraction.extract import extract, info
+from pipeline.data.records import Record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,8 +147,8 @@ def test_resume_after_kill9_identical(tmp_path):
         import sys, time
         sys.path.insert(0, {str(REPO / 'tests')!r})
         from pathlib import Path
-        import pipeline.extract as E
-        from pipeline import backbones
+        import pipeline.extraction.extract as E
+        from pipeline.extraction import backbones
         from test_extract import tiny_spec, make_records
         delay = float(sys.argv[2])
         backbones.BACKBONES["tiny"] = tiny_spec(delay=delay)
@@ -276,7 +278,7 @@ def test_full_disk_stops_extraction_with_one_error_and_keeps_finished_rows(tmp_p
     """The writer dies on a full disk while the queue is full: the extraction must stop with the
     writer's error (not block in put / close for ever), naming the disk, with the rows it finished."""
     import errno
-    import pipeline.extract as ex
+    import pipeline.extraction.extract as ex
     real, calls = ex._write_rows, []
 
     def failing(d, rows, feats):
@@ -302,7 +304,7 @@ def test_full_disk_stops_extraction_with_one_error_and_keeps_finished_rows(tmp_p
 
 def test_first_error_is_reported_not_the_writers(tmp_path, tiny, monkeypatch):
     """A crash in the main loop while the writer has failed too: the crash is what the user sees."""
-    import pipeline.extract as ex
+    import pipeline.extraction.extract as ex
     monkeypatch.setattr(ex, "_write_rows", lambda d, rows, feats: (_ for _ in ()).throw(OSError("writer broke")))
     monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec(fail_after=1, delay=0.2))
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -314,7 +316,7 @@ def test_second_extraction_of_one_file_is_refused_before_any_work(tmp_path, tiny
     out = tmp_path / "f.h5"
     built = []
     monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: built.append(1))
-    from pipeline.extract import lock_path
+    from pipeline.extraction.extract import lock_path
     with FileLock(lock_path(out), "test"):                          # another process holds the file
         with pytest.raises(UserError, match=r"feature file .*f\.h5 is in use by another process \(pid \d+\)"):
             run(make_records(tmp_path, n=4), out)

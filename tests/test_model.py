@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model import (Decoder, DecoderConfig, _AttentionScore, _attention_score_nograd,
+from pipeline.decoder.model import (Decoder, DecoderConfig, _AttentionScore, _attention_score_nograd,
                             count_flops)
 
 V, C, L = 23, 12, 196
@@ -11,7 +11,7 @@ V, C, L = 23, 12, 196
 
 def _model(**kw):
     torch.manual_seed(0)
-    cfg = DecoderConfig(**dict(dict(embed_dim=10, hidden_dim=14, attention_dim=9, dropout=0.0), **kw))
+    cfg = DecoderConfig(**dict(dict(embed_dim=10, hidden_dim=14, attention_dim=9, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0), **kw))
     m = Decoder(cfg, V, C)
     with torch.no_grad():   # non-trivial biases everywhere, so a wrong slice cannot hide
         for p in m.parameters():
@@ -154,7 +154,7 @@ def test_loss_decreases_on_structured_data():
     labels = torch.arange(32) % K
     feats = patterns[labels] + 0.3 * torch.randn(32, 49, C)
     tokens = torch.stack([torch.tensor([1, 4 + int(k), 8 + int(k), 2]) for k in labels])   # caption = class
-    m = Decoder(DecoderConfig(embed_dim=16, hidden_dim=16, attention_dim=16, dropout=0.0), 12, C)
+    m = Decoder(DecoderConfig(embed_dim=16, hidden_dim=16, attention_dim=16, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0), 12, C)
     opt = torch.optim.Adam(m.parameters(), 1e-2)
     nlls = []
     for _ in range(40):
@@ -188,7 +188,7 @@ def _batch(B=5, T=6, seed=1):
 
 
 def test_label_smoothing_zero_is_the_plain_loss_and_eps_matches_its_definition():
-    m = _model(dropout=0.0)
+    m = _model(dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0)
     feats, tokens = _batch()
     out = m(feats, tokens)
     plain, parts = m.loss(out, tokens)
@@ -238,7 +238,7 @@ def test_sample_shapes_masks_and_log_probs(attention):
         assert out["sampled"].shape == (12,) and out["logp_s"].shape == toks.shape
         assert (out["logp_s"][~out["sampled"]] == 0).all()
     m.eval()                                             # greedy sampling = greedy decoding
-    from pipeline.decode import greedy_decode
+    from pipeline.decoder.decode import greedy_decode
     g = m.sample(feats, 1, max_len=6, greedy=True)["tokens"]
     want = greedy_decode(m, feats, max_len=7)[0]
     for r in range(3):

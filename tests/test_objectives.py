@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline.config import DecoderConfig
-from pipeline.model import Decoder
-from pipeline.objectives import SelfCritical, TrainCiderD
-from pipeline.text import Vocab
+from pipeline.decoder.model import Decoder
+from pipeline.training.objectives import SelfCritical, TrainCiderD
+from pipeline.data.text import Vocab
 
 REFS = {0: ["a dog runs on the grass", "a brown dog is running", "the dog runs"],
         1: ["two children play in the water", "kids playing in a pool", "children swim"],
@@ -49,7 +49,7 @@ class ToyReward:
 def test_self_critical_gradient_raises_the_rewarded_captions(baseline, attention):
     torch.manual_seed(0)
     vocab = Vocab(["w%d" % i for i in range(8)])
-    model = Decoder(DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0, attention=attention),
+    model = Decoder(DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0, attention=attention),
                     len(vocab), 6)
     feats = torch.randn(4, 9, 6)
     rows = torch.arange(4)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import store as st
+from pipeline.cache import store as st
 from pipeline.errors import UserError
-from pipeline.records import Record
-from pipeline.runs import latest_run, open_run_features
-from pipeline.score import ScoreConfig, attention_accuracy, cell_overlap, coco_id, score_split
-from pipeline.text import Vocab
+from pipeline.data.records import Record
+from pipeline.training.runs import latest_run, open_run_features
+from pipeline.inference.score import ScoreConfig, attention_accuracy, cell_overlap, coco_id, score_split
+from pipeline.data.text import Vocab
 
 PROV = {"backbone": "toy", "weights_sha256": "x", "preprocessing": {"resize": 224}, "input_size": 224,
         "grid": [14, 14], "dataset": "shapes", "split_hashes": {}}
@@ -154,7 +154,7 @@ def tiny_runs(tmp_path_factory):
     images, and one on other images."""
     from helpers_store import make_store
     from pipeline.config import DecoderConfig, TrainConfig
-    from pipeline.train import train
+    from pipeline.training.train import train
     d = tmp_path_factory.mktemp("ens")
     a = make_store(d / "a.h5", {"train": 16, "val": 4}, L=16, C=8)
     b = make_store(d / "b.h5", {"train": 16, "val": 4}, L=16, C=6, backbone="other-net", seed=5)
@@ -162,16 +162,16 @@ def tiny_runs(tmp_path_factory):
     runs_ = {}
     for name, feats, seed in (("a1", a, 0), ("a2", a, 1), ("b", b, 0), ("c", c, 0)):
         cfg = TrainConfig(features=str(feats), epochs=2, batch_size=8, min_count=1, lr=3e-3, seed=seed)
-        train(cfg, DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0), d / name,
+        train(cfg, DecoderConfig(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0), d / name,
               echo=lambda s: None)
         runs_[name] = d / name
     return runs_
 
 
 def test_ensemble_of_one_run_is_that_run(tiny_runs):
-    from pipeline import runs
-    from pipeline.decode import Ensemble
-    from pipeline.score import decode_split
+    from pipeline.training import runs
+    from pipeline.decoder.decode import Ensemble
+    from pipeline.inference.score import decode_split
     cfg = ScoreConfig(split="val", beam=3, progress=False, workers=1)
     one = runs.load_run(tiny_runs["a1"])
     d1 = decode_split([one], "val", cfg)
@@ -186,8 +186,8 @@ def test_ensemble_of_one_run_is_that_run(tiny_runs):
 
 
 def test_ensemble_mixes_backbones_of_the_same_images_and_refuses_other_data(tiny_runs, tmp_path):
-    from pipeline import runs
-    from pipeline.score import decode_split, run_score
+    from pipeline.training import runs
+    from pipeline.inference.score import decode_split, run_score
     cfg = ScoreConfig(split="val", beam=2, progress=False, workers=1)
     a1, b = runs.load_run(tiny_runs["a1"]), runs.load_run(tiny_runs["b"])
     d = decode_split([a1, runs.load_run(tiny_runs["a2"]), b], "val", cfg)   # b reads its own cache
@@ -202,8 +202,8 @@ def test_ensemble_mixes_backbones_of_the_same_images_and_refuses_other_data(tiny
 
 
 def test_ensemble_refuses_other_vocabularies(tiny_runs, monkeypatch):
-    from pipeline import runs
-    from pipeline.score import decode_split
+    from pipeline.training import runs
+    from pipeline.inference.score import decode_split
     a1 = runs.load_run(tiny_runs["a1"])
     other = runs.load_run(tiny_runs["a2"])
     other.vocab = Vocab(other.vocab.itos[4:] + ["extra"])

@@ -1,4 +1,4 @@
-"""SPICE offline (pipeline/spice_jars.py): the jar installer (always, no network) and the SPICE numbers on
+"""SPICE offline (pipeline/inference/spice.py): the jar installer (always, no network) and the SPICE numbers on
 hand-derived cases (needs java and the jars of `make spice`; skipped otherwise).
 
 SPICE (Anderson et al., 2016) parses candidate and references into scene-graph tuples (objects,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import spice_jars as S
+from pipeline.inference import spice as S
 from pipeline.errors import UserError
 
 FAKE = {name: f"fake {name} bytes".encode() for name in S.JARS}
@@ -172,9 +172,9 @@ def test_spice_tuple_counts(spice_run):
 @needs_spice
 @pytest.mark.spice
 def test_score_reports_spice_per_image_on_the_right_images(monkeypatch):
-    """pipeline.score's metrics include SPICE when the jars are installed; SPICE returns images in sorted
+    """pipeline.inference.score's metrics include SPICE when the jars are installed; SPICE returns images in sorted
     key order, so the per-image values must be paired by that order, not by insertion order."""
-    from pipeline import score
+    from pipeline.inference import score
     monkeypatch.setattr(S, "lib_dir", lambda: LIB)
     lines = []
     metrics, notes = score.language_metrics({5: "a black dog runs on the green grass", 2: "a white cat"},

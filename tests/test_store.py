@@ -7,9 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import store
+from pipeline.cache import store
 from pipeline.errors import UserError
-from pipeline.records import Record
+from pipeline.data.records import Record
 
 PROV = {"backbone": "b", "weights_sha256": "w", "preprocessing": {"resize": [4, 4]}, "input_size": 4,
         "grid": [2, 2], "dataset": "d", "split_hashes": {"train": "x"}, "code_version": "0", "created": "now"}

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import make_shapes
-from pipeline import synth
+from pipeline.data import synth
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.text import tokenize
+from pipeline.data.text import tokenize
 
 COLOR = "|".join(synth.COLORS)
 SHAPE = "|".join(synth.SHAPES)

@@ -1,4 +1,4 @@
-"""Tokenizer and vocabulary (pipeline/text.py)."""
+"""Tokenizer and vocabulary (pipeline/data/text.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.text import SPECIALS, Vocab, tokenize
+from pipeline.data.text import SPECIALS, Vocab, tokenize
 
 
 @pytest.mark.parametrize("caption, tokens", [

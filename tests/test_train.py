@@ -6,12 +6,12 @@ import torch
 from click.testing import CliRunner
 
 from helpers_store import make_store
-from pipeline import model as model_mod
+from pipeline.decoder import model as model_mod
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.config import DecoderConfig, TrainConfig
-from pipeline.runs import load_run
-from pipeline.train import train
+from pipeline.training.runs import load_run
+from pipeline.training.train import train
 
 SMALL = dict(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.3)
 
@@ -141,7 +141,7 @@ def test_lazy_reading_with_workers_and_beam_validation(feats, tmp_path):
 # ---- faults and bad input (each of these was a defect) ---------------------------------------------------
 
 def test_second_process_on_one_run_is_refused(feats, tmp_path):
-    from pipeline.runs import run_lock
+    from pipeline.training.runs import run_lock
     run = tmp_path / "run"
     with run_lock(run):                                 # another `pipeline train` holds the run
         with pytest.raises(UserError, match=r"run .*run is in use by another process \(pid \d+\)"):
@@ -154,8 +154,8 @@ def test_second_process_on_one_run_is_refused(feats, tmp_path):
 def test_crash_between_best_and_last_leaves_them_consistent(feats, tmp_path, monkeypatch):
     """kill -9 after one checkpoint file of an epoch is replaced but not the other: best.pt must never be
     older than the best epoch last.pt records, and --resume ends with the same run as no crash."""
-    import pipeline.runs as runs_mod
-    import pipeline.train as train_mod
+    import pipeline.training.runs as runs_mod
+    import pipeline.training.train as train_mod
     scores = iter([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])         # every epoch is the best so far
     real_eval = train_mod.evaluate
 
@@ -279,7 +279,7 @@ def test_self_critical_phase_from_a_cross_entropy_run(feats, tmp_path):
 
 
 def test_fused_caches_train_and_are_checked(feats, tmp_path):
-    from pipeline import store
+    from pipeline.cache import store
     other = make_store(tmp_path / "g.h5", {"train": 12, "val": 4}, L=16, C=5, backbone="other-net", seed=3)
     one = store.open_features([feats])
     assert isinstance(one, store.FeatureStore)                     # a fused cache of one file is that file

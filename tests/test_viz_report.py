@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import pipeline.caption as caption_mod
-from pipeline import runs
-from pipeline.caption import attention_paths, words_and_maps
+import pipeline.inference.caption as caption_mod
+from pipeline.training import runs
+from pipeline.inference.caption import attention_paths, words_and_maps
 from pipeline.cli import main
-from pipeline.decode import Hypothesis
-from pipeline.viz import attention_figure, upsample_alpha
+from pipeline.decoder.decode import Hypothesis
+from pipeline.reporting.viz import attention_figure, upsample_alpha
 
 from test_score import PROV, SCRIPTS, VOCAB, Scripted, make_store
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .text import Vocab
+from pipeline.data.text import Vocab
 
 START, END, PAD = Vocab.start, Vocab.end, Vocab.pad
 COMPACT_FRACTION = 0.25   # drop finished images' rows once they are this fraction of the batch

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
-from .fileio import FileLock, atomic_write, write_text
+from pipeline.errors import UserError
+from pipeline.fileio import FileLock, atomic_write, write_text
 
 CHECKPOINT_FORMAT = 2
 LOG_FIELDS = ("epoch", "step", "objective", "loss", "nll", "reg", "reward", "lr", "bleu1", "bleu2", "bleu3",
@@ -117,8 +117,8 @@ def load_run(run: str | Path | None, which: str | None = None, device="cpu", log
     """A run's decoder (eval mode, on `device`), vocabulary and checkpoint.
 
     which None: best.pt, or last.pt with one line saying so when no epoch has finished yet."""
-    from .model import Decoder, DecoderConfig
-    from .text import Vocab
+    from pipeline.decoder.model import Decoder, DecoderConfig
+    from pipeline.data.text import Vocab
 
     run_dir = resolve_run(run)
     if which not in (None, "best", "last"):
@@ -164,7 +164,7 @@ def feature_paths(ckpt: dict, run_dir: Path, override: Sequence[str | Path] | No
 
 def open_run_features(ckpt: dict, run_dir: Path, override: Sequence[str | Path] | None = None):
     """The run's feature store (one cache, or the fused caches), checked against the recorded provenance."""
-    from . import store
+    from pipeline.cache import store
     st = store.open_features(feature_paths(ckpt, run_dir, override))
     check_features(ckpt, st, where=str(run_dir))
     return st
@@ -172,7 +172,7 @@ def open_run_features(ckpt: dict, run_dir: Path, override: Sequence[str | Path] 
 
 def check_features(ckpt: dict, st, *, where: str) -> None:
     """Refuse a store whose caches were made by something else than the run's."""
-    from . import store
+    from pipeline.cache import store
     recorded = checkpoint_features(ckpt)
     if len(recorded) != len(st.provenances):
         raise UserError(f"{where}: the run reads {len(recorded)} feature file(s), not {len(st.provenances)}.")
@@ -190,7 +190,7 @@ def run_lock(run_dir: Path) -> FileLock:
 
 # -- logs -----------------------------------------------------------------------------------------
 def write_logs(run_dir: Path, history: list[dict]) -> None:
-    """log.jsonl / log.csv / curves.png rewritten from the history (a resumed run never duplicates)."""
+    """log.jsonl / log.csv rewritten from the history (a resumed run never duplicates)."""
     write_text(run_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     def csv_out(tmp: Path):
@@ -199,8 +199,6 @@ def write_logs(run_dir: Path, history: list[dict]) -> None:
             w.writeheader()
             w.writerows(history)
     atomic_write(run_dir / "log.csv", csv_out)
-    from .viz import plot_curves
-    plot_curves(run_dir)
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

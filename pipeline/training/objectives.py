@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .text import Vocab, tokenize
+from pipeline.data.text import Vocab, tokenize
 
 
 class CrossEntropy:

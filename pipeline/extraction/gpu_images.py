@@ -49,7 +49,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 _FAST_SOF = (0xC0, 0xC1, 0xC2)          # baseline, extended sequential, progressive (Huffman)
@@ -182,7 +182,7 @@ def pil_item(path: str, pp: dict):
     """(x (3, H, W) float32, '') or (zeros, 'ErrorType: message'): what extract._Images gives for `path`."""
     import torch
     from PIL import Image
-    from .backbones import preprocess_image
+    from pipeline.extraction.backbones import preprocess_image
     try:
         with Image.open(path) as im:
             im.load()

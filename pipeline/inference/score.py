@@ -24,14 +24,14 @@ import numpy as np
 
 from typing import Sequence
 
-from . import runs
-from .config import ScoreConfig
-from .decode import Ensemble, Hypothesis, decode_features
-from .device import resolve_device
-from .errors import UserError
-from .fileio import write_json
-from .runs import LoadedRun
-from .text import Vocab, tokenize
+from pipeline.training import runs
+from pipeline.config import ScoreConfig
+from pipeline.decoder.decode import Ensemble, Hypothesis, decode_features
+from pipeline.device import resolve_device
+from pipeline.errors import UserError
+from pipeline.fileio import write_json
+from pipeline.training.runs import LoadedRun
+from pipeline.data.text import Vocab, tokenize
 
 METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -173,7 +173,7 @@ def java_available() -> bool:
 
 def spice_available() -> bool:
     """The SPICE jars (`make spice`) and java are present."""
-    from .spice_jars import installed
+    from pipeline.inference.spice import installed
     try:
         return installed()
     except UserError:
@@ -219,7 +219,7 @@ def language_metrics(candidates: dict, references: dict, *, log=print,
     else:
         notes["skipped"].append("METEOR (no java)")
     if spice_available():
-        from .spice_jars import Spice       # pycocoevalcap's SPICE, runnable on Java >= 11 (docs/spice.md)
+        from pipeline.inference.spice import Spice       # pycocoevalcap's SPICE, runnable on Java >= 11 (docs/spice.md)
         scorers.append((Spice(xmx="4G"), "SPICE"))
     else:
         log("SPICE skipped: its jars (SPICE 1.0, Stanford CoreNLP 3.6.0) are not installed; `make spice` "
@@ -298,7 +298,7 @@ def attention_accuracy(word_lists, alpha_list, objects_list, *, grid=(14, 14),
     (synth.objects_named_by); when it names several, they are scored against the union of their
     boxes (counted in `ambiguous`).
     """
-    from .synth import object_word, objects_named_by
+    from pipeline.data.synth import object_word, objects_named_by
     acc = {"color": [], "shape": []}     # (mass, hit, chance_mass, chance_hit)
     st = AttentionStats()
     for words, alphas, objs in zip(word_lists, alpha_list, objects_list):
@@ -351,7 +351,7 @@ def grid_and_size(store) -> tuple[tuple[int, int], tuple[int, int]]:
     """Attention grid, and the pixel frame of the boxes: the synthetic image (synth.IMAGE_SIZE).
     Backbones squash-resize the whole image to their input (224 or 448), so the grid maps onto it
     proportionally."""
-    from .synth import IMAGE_SIZE
+    from pipeline.data.synth import IMAGE_SIZE
     return store.grid, (IMAGE_SIZE, IMAGE_SIZE)
 
 

@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .device import resolve_device
-from .errors import UserError
-from .fileio import FileLock, disk_error
-from .records import Record
-from .store import runs_of
+from pipeline.device import resolve_device
+from pipeline.errors import UserError
+from pipeline.fileio import FileLock, disk_error
+from pipeline.data.records import Record
+from pipeline.cache.store import runs_of
 
 FLUSH_EVERY_S = 10.0      # at most this much finished work is lost on a crash
 
@@ -30,7 +30,7 @@ FLUSH_EVERY_S = 10.0      # at most this much finished work is lost on a crash
 
 def split_hashes(records: Sequence[Record]) -> dict:
     """split -> sha256 of its image ids in file order: identifies the exact rows of a file."""
-    from .provenance import sha256_strings
+    from pipeline.provenance import sha256_strings
     out = {}
     for s in sorted({r.split for r in records}):
         out[s] = sha256_strings(r.image_id for r in records if r.split == s)
@@ -39,8 +39,8 @@ def split_hashes(records: Sequence[Record]) -> dict:
 
 def make_provenance(spec, weights_sha256: str, dataset: str, records: Sequence[Record], dtype: str) -> dict:
     from datetime import datetime, timezone
-    from . import store
-    from .provenance import code_version
+    from pipeline.cache import store
+    from pipeline.provenance import code_version
     return {
         "backbone": spec.name, "weights_sha256": weights_sha256, "preprocessing": spec.preprocessing,
         "input_size": spec.input_size, "grid": list(spec.grid), "feature_dim": spec.feature_dim,
@@ -64,7 +64,7 @@ class _Images:
     def __getitem__(self, i):
         import torch
         from PIL import Image
-        from .backbones import preprocess_image
+        from pipeline.extraction.backbones import preprocess_image
         row = int(self.rows[i])
         try:
             with Image.open(self.paths[row]) as im:
@@ -203,7 +203,7 @@ class ExtractResult:
 def check_existing(out: Path, attrs: dict, provenance: dict, records: Sequence[Record]) -> None:
     """Refuse to mix into an existing file (`attrs`) made by something else. The captions hash is
     not checked here: changed text over the same pictures is `refresh_captions`' business."""
-    from . import store
+    from pipeline.cache import store
     expected = {k: v for k, v in store.provenance_of(provenance).items() if k != "captions_sha256"}
     store.check_same_provenance(expected, store.provenance_of(attrs),
                                 what="the existing feature file", where=str(out))
@@ -215,7 +215,7 @@ def check_existing(out: Path, attrs: dict, provenance: dict, records: Sequence[R
 def refresh_captions(out: Path, attrs: dict, provenance: dict, records: Sequence[Record]) -> None:
     """Same pictures, new caption text (or a file older than caption hashes): rewrite the file's
     captions and objects, keep its features, say so."""
-    from . import store
+    from pipeline.cache import store
     if attrs.get("captions_sha256") != provenance["captions_sha256"]:
         store.refresh_annotations(out, records, provenance["captions_sha256"])
         print(f"{out}: the dataset's captions changed (or the file predates caption hashes); refreshed the "
@@ -269,7 +269,7 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
     import torch
 
     dev = resolve_device(device)
-    from .backbones import load_backbone
+    from pipeline.extraction.backbones import load_backbone
     module, spec, sha = load_backbone(backbone, weights, weights_dir)
     todo = _rows_to_do(out, records, make_provenance(spec, sha, dataset, records, dtype), spec, dtype=dtype,
                        force=force, skip_bad=skip_bad, dataset_root=dataset_root)
@@ -285,7 +285,7 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     paths = [str(r.path) for r in records]
-    from .gpu_images import gpu_batches, resolve_decode
+    from pipeline.extraction.gpu_images import gpu_batches, resolve_decode
     if resolve_decode(decode, dev) == "gpu":     # JPEG bytes -> nvjpeg -> resize + normalise on the device
         batches = gpu_batches(paths, todo, spec.preprocessing, batch_size, dev, threads=max(1, workers))
     else:
@@ -310,7 +310,7 @@ def _rows_to_do(out: Path, records, prov: dict, spec, *, dtype, force, skip_bad,
     """Create OUT (or check an existing one is the same extraction, refreshing changed captions);
     the rows still to compute: not done, and earlier --skip-bad rows unless skipping again."""
     import h5py
-    from . import store
+    from pipeline.cache import store
     if out.exists() and not force:
         try:
             attrs = store.read_attrs(out)
@@ -383,7 +383,7 @@ def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, d
 # ---- several processes (torchrun) ---------------------------------------------------------------
 
 def _stale_shards(out: Path, world: int) -> list[Path]:
-    from .store import shard_paths
+    from pipeline.cache.store import shard_paths
     keep = set(shard_paths(out, world))
     return sorted(p for p in out.parent.glob(f"{out.stem}.rank*-of*{out.suffix or '.h5'}") if p not in keep)
 
@@ -391,8 +391,8 @@ def _stale_shards(out: Path, world: int) -> list[Path]:
 def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_dir, dtype, merge) -> str:
     """'complete' when OUT exists, is complete and matches; 'run' when it should be (re)made."""
     import h5py
-    from . import store
-    from .backbones import load_backbone
+    from pipeline.cache import store
+    from pipeline.extraction.backbones import load_backbone
     try:
         attrs = store.read_attrs(out)
         with h5py.File(out, "r") as f:
@@ -426,8 +426,9 @@ def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str
     Returns an extract.ExtractResult summed over the ranks (seconds: the slowest rank).
     A single process (no process group) runs extract.extract unchanged.
     """
-    from . import distributed, store
-    from .batching import shard
+    from pipeline import distributed
+    from pipeline.cache import store
+    from pipeline.distributed import shard
 
     kw = dict(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, dtype=dtype,
               batch_size=batch_size, skip_bad=skip_bad, device=device, dataset_root=dataset_root, decode=decode)
@@ -483,7 +484,7 @@ def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str
 def info(path: str | Path) -> str:
     """Human-readable summary of a feature file: provenance, rows per split, done/bad counts."""
     import json
-    from . import store
+    from pipeline.cache import store
     st = store.FeatureStore.open(path, require_complete=False)
     lines = [f"{st.path}"]
     for k in sorted(st.attrs):

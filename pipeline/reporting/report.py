@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
-from .runs import read_config, read_log
-from .viz import plot_bleu4
+from pipeline.errors import UserError
+from pipeline.training.runs import read_config, read_log
+from pipeline.reporting.viz import plot_bleu4
 
 COLUMNS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SPICE = "SPICE"     # a column only when some run was scored with the SPICE jars installed (make spice)

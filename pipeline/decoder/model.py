@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DecoderConfig
+from pipeline.config import DecoderConfig
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +307,7 @@ class Decoder(nn.Module):
           entropy (B*n, T) H[alpha_t], sampled (B*n,) which captions sampled their locations.
         greedy: arg-max words instead of samples (the SCST greedy baseline, with n = 1).
         """
-        from .text import Vocab
+        from pipeline.data.text import Vocab
         state, ctx = self.init_state(feats)
         B = feats.size(0)
         rep = torch.arange(B, device=feats.device).repeat_interleave(n)        # (B*n,) image of each row

@@ -19,12 +19,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
-from .records import SPLITS, Record
+from pipeline.errors import UserError
+from pipeline.data.records import SPLITS, Record
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_LISTED = 5          # how many offending names an error message shows
 
@@ -231,7 +231,7 @@ def _objects_of(entry: dict, path: Path, i: int) -> list[dict]:
 
 
 def read_shapes(root: Path, *, check_images: bool = True) -> list[Record]:
-    """The synthetic set written by pipeline.synth (shapes.json is written last: absent = incomplete)."""
+    """The synthetic set written by pipeline.data.synth (shapes.json is written last: absent = incomplete)."""
     return read_karpathy(root, json_name="shapes.json", check_images=check_images, with_objects=True,
                          fix=f"No complete synthetic set here; create it with `pipeline synth --out {root}`.")
 

@@ -61,8 +61,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import BrowseConfig
-from .errors import UserError
+from pipeline.config import BrowseConfig
+from pipeline.errors import UserError
 
 FORMAT = 1
 ASSETS = ("index.html", "app.js", "style.css")
@@ -106,7 +106,7 @@ def per_image_scores(captions: Sequence[str], references: Sequence[Sequence[str]
     """Score each caption against its references with pycocoevalcap (score.language_metrics).
 
     -> (per image {metric: value} or None where an image has no references, corpus metrics, notes)."""
-    from .score import language_metrics
+    from pipeline.inference.score import language_metrics
     keys = [i for i, refs in enumerate(references) if refs]
     if not keys:
         return [None] * len(captions), {}, {"tokenizer": None}
@@ -136,7 +136,7 @@ def check_same_images(ids_a: Sequence[str], ids_b: Sequence[str], *, what_a: str
 
 def result_of(decoded, order: np.ndarray, references: list[list[str]], *, label: str, log=print) -> RunResult:
     """A RunResult from a score.DecodedSplit: hypotheses `order` (site order), scored on `references`."""
-    from .caption import words_and_maps
+    from pipeline.inference.caption import words_and_maps
     words, maps = [], []
     for k in order:
         h = decoded.hyps[int(k)]
@@ -170,9 +170,9 @@ def run_browse(run: str | Path | None, split: str, cfg, *, compare: str | Path |
 
     cfg: score.ScoreConfig (beam, max_len, length_norm, batch size, device, workers).
     Returns the path of the site's index.html."""
-    from . import runs
-    from .device import resolve_device
-    from .score import decode_split, grid_and_size, split_rows
+    from pipeline.training import runs
+    from pipeline.device import resolve_device
+    from pipeline.inference.score import decode_split, grid_and_size, split_rows
 
     bcfg = bcfg or BrowseConfig()
     device = resolve_device(cfg.device)
@@ -290,7 +290,7 @@ def _thumbnail(src: Path | None, dst: Path, size: int, quality: int) -> tuple[in
     """Write a JPEG thumbnail (longest side `size`); None if the image is missing or unreadable."""
     from PIL import Image, UnidentifiedImageError
 
-    from .backbones import to_rgb
+    from pipeline.extraction.backbones import to_rgb
     if src is None or not Path(src).is_file():
         return None
     try:
@@ -312,13 +312,13 @@ def _placeholder(dst: Path, size: int) -> None:
 
 
 def _named(words: list[str], objs: list[dict]) -> list[list[int]]:
-    from .synth import objects_named_by
+    from pipeline.data.synth import objects_named_by
     return [[k for k, o in enumerate(objs) if any(o is n for n in objects_named_by(w, objs))] for w in words]
 
 
 def _in_box(maps: np.ndarray, named: list[list[int]], objs: list[dict], grid, frame) -> list:
     """Per word: [attention mass inside the named box(es), the boxes' area fraction] or None."""
-    from .score import cell_overlap
+    from pipeline.inference.score import cell_overlap
     out = []
     for a, idx in zip(maps, named):
         if not idx:
@@ -353,7 +353,7 @@ def write_site(data: SiteData, out: str | Path, cfg: BrowseConfig | None = None,
     if cfg.page_size < 1 or cfg.thumb < 16:
         raise UserError(f"page size {cfg.page_size} / thumbnail size {cfg.thumb}: need >= 1 / >= 16.")
     check_replaceable(out)
-    from . import runs
+    from pipeline.training import runs
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -380,7 +380,7 @@ def write_site(data: SiteData, out: str | Path, cfg: BrowseConfig | None = None,
 
 
 def _write(data: SiteData, site: Path, cfg: BrowseConfig, log) -> dict:
-    from . import __version__
+    from pipeline import __version__
     pkg = Path(__file__).parent / "browse_assets"
     for name in ASSETS:
         shutil.copyfile(pkg / name, site / name)
@@ -456,7 +456,7 @@ def _write(data: SiteData, site: Path, cfg: BrowseConfig, log) -> dict:
 
 def _words(caption: str) -> list[str]:
     """Lowercase words of a reference caption, for the word filter (punctuation dropped)."""
-    from .text import tokenize
+    from pipeline.data.text import tokenize
     return tokenize(caption)
 
 

@@ -16,12 +16,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import runs
-from .config import CaptionConfig
-from .decode import Ensemble, Hypothesis, beam_search
-from .device import resolve_device
-from .errors import UserError
-from .text import Vocab
+from pipeline.training import runs
+from pipeline.config import CaptionConfig
+from pipeline.decoder.decode import Ensemble, Hypothesis, beam_search
+from pipeline.device import resolve_device
+from pipeline.errors import UserError
+from pipeline.data.text import Vocab
 
 
 @dataclass
@@ -60,8 +60,8 @@ class Encoder:
 
     def __init__(self, provenances: Sequence[dict], *, weights_dir: str | Path = "weights",
                  weights: Sequence[str] = (), device: str = "auto"):
-        from . import store
-        from .backbones import get_spec, load_backbone
+        from pipeline.cache import store
+        from pipeline.extraction.backbones import get_spec, load_backbone
 
         self.device = resolve_device(device)
         names = [p.get("backbone") for p in provenances]

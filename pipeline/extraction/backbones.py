@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 CAFFE_BGR_MEAN = [103.939, 116.779, 123.68]          # Oxford VGG (Caffe): BGR order, 0..255
 IMAGENET_MEAN = [0.485, 0.456, 0.406]                # torchvision: RGB, 0..1
@@ -120,7 +120,7 @@ def _weights_file(weights: str | None, default: Path, sha_file: Path, make_targe
                   missing: str) -> tuple[Path, str]:
     """(path, sha256) of the weights to load: --weights PATH, else the default file fetched by
     `make <make_target>`, checked against the .sha256 written beside it."""
-    from .provenance import sha256_file
+    from pipeline.provenance import sha256_file
     if weights:
         path = Path(weights)
         if not path.is_file():
@@ -139,7 +139,7 @@ def build_vgg19(weights: str | None, weights_dir: str | Path):
     """torchvision vgg19().features[:36]: conv1_1 .. conv5_4 + ReLU (no last pool) -> (B,512,14,14) at 224."""
     from torchvision.models.vgg import cfgs, make_layers
 
-    from . import weights as W
+    from pipeline.extraction import weights as W
     # Only the conv trunk: building vgg19() would also initialise the 120M-parameter classifier.
     m = make_layers(cfgs["E"], batch_norm=False)[:W.VGG19_CUT]
     weights = _resolve_weights(weights)
@@ -182,7 +182,7 @@ def _torchvision_builder(arch: str, weights_enum: str):
     def build(weights: str | None, weights_dir: str | Path):
         import torch
         import torchvision
-        from .provenance import sha256_file
+        from pipeline.provenance import sha256_file
 
         full = getattr(torchvision.models, arch)(weights=None)
         weights = _resolve_weights(weights)
@@ -225,7 +225,7 @@ def build_efficientnet_lite2(weights: str | None, weights_dir: str | Path):
     TF "same" padding is computed for that size (the default 260 would pad stride-2 convs wrongly).
     """
     import torch
-    from .provenance import sha256_file
+    from pipeline.provenance import sha256_file
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
@@ -277,7 +277,7 @@ def build_resnet152_resmem(weights: str | None, weights_dir: str | Path):
     """
     import torch
     import torchvision
-    from . import weights as W
+    from pipeline.extraction import weights as W
 
     full = torchvision.models.resnet152(weights=None)
     weights = _resolve_weights(weights)

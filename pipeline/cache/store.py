@@ -23,8 +23,8 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
-from .errors import UserError
-from .records import Record
+from pipeline.errors import UserError
+from pipeline.data.records import Record
 
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
@@ -84,7 +84,7 @@ def _create(tmp: Path, records, provenance, *, num_regions, feature_dim, dtype, 
 
 def captions_sha256(records: Sequence[Record]) -> str:
     """Hash of every image's captions (and objects, for synthetic sets) in row order: the cache's text."""
-    from .provenance import sha256_strings
+    from pipeline.provenance import sha256_strings
     return sha256_strings(json.dumps([r.image_id, list(r.captions), r.objects], sort_keys=True) for r in records)
 
 
@@ -446,7 +446,7 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode
                  dataset_root: str | Path | None = None, copy_rows: int = 256) -> Path:
     """Write OUT from complete shards: the single-process layout and provenance, features/done/bad
     virtual (mode 'vds') or copied (mode 'copy'). `records` are the merged file's rows, in order."""
-    from .provenance import sha256_strings
+    from pipeline.provenance import sha256_strings
 
     out = Path(out)
     if mode not in ("vds", "copy"):

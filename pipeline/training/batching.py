@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from pipeline.distributed import shard
+
 
 def select_lengths(lengths: Sequence[int], max_len: int = 30) -> tuple[np.ndarray, dict]:
     """keep mask (M,) for captions with 1 <= n <= max_len words, and {"too_long": k, "empty": k}."""
@@ -88,20 +90,6 @@ class ImageBatchSampler:
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
 
-
-def shard(indices: Sequence[int] | np.ndarray | int, rank: int, world: int) -> np.ndarray:
-    """Rank `rank`'s part of `indices` (or of range(indices) when an int): contiguous, in order.
-
-    The W parts are disjoint, cover `indices`, depend only on (len, rank, world), and their sizes
-    differ by at most one (the first len % W parts have one more).
-    """
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, {world})")
-    idx = np.arange(indices) if isinstance(indices, (int, np.integer)) else np.asarray(indices)
-    n = len(idx)
-    q, m = divmod(n, world)
-    start = rank * q + min(rank, m)
-    return idx[start:start + q + (1 if rank < m else 0)]
 
 
 class DistributedBatchSampler:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 IMAGE_SIZE = 224
 GENERATOR_VERSION = 3           # bump when the pictures or captions change: old sets are regenerated
@@ -239,7 +239,7 @@ def is_complete(out: str | Path, cfg: SynthConfig) -> bool:
     return all((out / "images" / im["filename"]).is_file() for im in meta.get("images", []))
 
 
-README = """Synthetic shapes dataset written by pipeline.synth (do not edit; regenerate with `pipeline synth`).
+README = """Synthetic shapes dataset written by pipeline.data.synth (do not edit; regenerate with `pipeline synth`).
 
 Parameters: {params}
 
@@ -248,7 +248,7 @@ shapes.json                  images[*].{{filename, split, sentences[*].raw,
                              objects[*].{{color, shape, size, box [x0, y0, x1, y1]}}}}
 Boxes are pixels in the {size}x{size} image, x1/y1 exclusive. Every caption is true of its image;
 its colour words ({colors}) and shape words ({shapes}) name objects in it.
-Read it with `pipeline.datasets.load_records("shapes", root)`.
+Read it with `pipeline.data.datasets.load_records("shapes", root)`.
 """
 
 
