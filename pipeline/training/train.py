@@ -34,6 +34,7 @@ import torch
 from pipeline import distributed as dist_mod
 from pipeline.training import runs
 from pipeline.training.curves import plot_curves
+from pipeline.training.progress import EpochProgress
 from pipeline.cache import store as store_mod
 from pipeline.training.batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler, epoch_plan, select_lengths
 from pipeline.config import TrainConfig
@@ -370,6 +371,11 @@ def train_one_epoch(state: TrainState, data: Data, net, *, deadline: float, echo
     t_ep, acc = time.time(), p.epoch_acc
     sums = torch.zeros(4, device=state.device)       # loss, nll, reg, reward summed over steps: no per-step sync
     stop = None
+    meter = EpochProgress(epoch=p.epoch + 1, total=len(batches), done=p.batch_in_epoch,
+                          epochs_after=max(cfg.epochs - p.epoch - 1, 0),
+                          val_s=float(p.history[-1].get("val_s", 0.0)) if p.history else 0.0,
+                          deadline=deadline, log_every=cfg.log_every, echo=echo,
+                          tty=None if _rank0() else False)
     for batch in loader:
         w = weights[p.batch_in_epoch]   # DDP: W * this rank's share of the batch; the average is the batch mean
         loss, parts = data.objective(net, model, batch, state.device, use_amp, w)
@@ -388,14 +394,15 @@ def train_one_epoch(state: TrainState, data: Data, net, *, deadline: float, echo
             _flush(acc, sums)
             if not math.isfinite(acc["loss"]):
                 raise Diverged(f"non-finite loss at step {p.step} (epoch {p.epoch + 1})")
-        if p.step % cfg.log_every == 0:
-            echo(f"epoch {p.epoch + 1} batch {p.batch_in_epoch}/{len(batches)} step {p.step} "
-                 f"loss {acc['loss'] / acc['steps']:.3f} nll {acc['nll'] / acc['steps']:.3f}")
+            meter.step(p.step, acc["loss"] / acc["steps"], acc["nll"] / acc["steps"])
+        else:
+            meter.step(p.step)
         out_of_time = deadline < math.inf and dist_mod.any_rank(time.time() > deadline, state.device)
         if (cfg.max_steps and p.step >= cfg.max_steps) or out_of_time:
             if p.batch_in_epoch < len(batches):
                 stop = "max-minutes" if out_of_time else "max-steps"
             break
+    meter.close()
     _flush(acc, sums)
     acc["train_s"] += time.time() - t_ep
     return stop
