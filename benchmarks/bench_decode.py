@@ -93,7 +93,7 @@ def main(argv=None):
     if isinstance(a.features, str):
         a.features = [a.features]
     if a.features and all(Path(f).exists() for f in a.features):
-        from pipeline.cache.store import open_features
+        from pipeline.cache.readers import open_features
         st = open_features(a.features)
         rows = st.rows(a.split)[:a.images]
         feats, src = st.load_features(rows).astype(np.float32), f"{a.features}:{a.split}"

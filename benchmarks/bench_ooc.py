@@ -7,7 +7,7 @@ RAM, peak RSS, and the random-read rate that would have to feed a GPU.
 
 Three measurements, each in its own process (so peak RSS is its own):
   read  random rows of the big cache in the trainer's batches (64 images of one caption length,
-        shuffled), through store.LazyFeatures, after evicting the file from the page cache
+        shuffled), through readers.LazyFeatures, after evicting the file from the page cache
         (posix_fadvise DONTNEED): MB/s and rows/s from disk;
   lazy  `pipeline.training.train.train` on the big cache with --in-ram no (DataLoader workers read ahead);
   ram   the same model on the small cache (a 10,000-image subset) with --in-ram yes.
@@ -93,16 +93,16 @@ class PeakPss:
 
 
 def child_read(a) -> dict:
-    from pipeline.cache import store
+    from pipeline.cache import readers
     from pipeline.training.batching import BucketBatchSampler, select_lengths
-    st = store.FeatureStore.open(a.big)
+    st = readers.FeatureStore.open(a.big)
     rows, caps = st.captions_of("train")
     lengths = np.array([len(c.split()) for c in caps])
     keep, _ = select_lengths(lengths, 30)
     rows, lengths = rows[keep], lengths[keep]
     batches = BucketBatchSampler(lengths, 64, seed=0).batches(0)[: a.read_batches]
     _evict(a.big)
-    lazy = store.LazyFeatures(a.big)
+    lazy = readers.LazyFeatures(a.big)
     r0, t = _io_read_bytes(), time.perf_counter()
     n = 0
     for b in batches:

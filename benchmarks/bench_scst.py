@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import caption_lengths  # noqa: E402
 from pipeline.training.batching import BucketBatchSampler, select_lengths  # noqa: E402
-from pipeline.config import DecoderConfig  # noqa: E402
+from pipeline.config import DecoderConfig, TrainConfig  # noqa: E402
 from pipeline.decoder.model import Decoder  # noqa: E402
-from pipeline.training.objectives import CrossEntropy, SelfCritical, TrainCiderD, tokenized  # noqa: E402
+from pipeline.training.objectives import CrossEntropy, SelfCritical, TrainCiderD, reward_references, tokenized  # noqa: E402
 from pipeline.data.text import Vocab  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
@@ -81,7 +81,9 @@ def main():
 
     refs, source = train_references()
     t0 = time.perf_counter()
-    reward = _Timed(TrainCiderD(refs))
+    end = TrainConfig().scst_reward_end                            # the reward train.py uses
+    rrefs = reward_references(dict(enumerate(refs)), end)
+    reward = _Timed(TrainCiderD(list(rrefs.values())))
     df_s = time.perf_counter() - t0
     if args.run:
         from pipeline.training.runs import load_run, open_run_features
@@ -94,8 +96,8 @@ def main():
         pool = torch.randn(256, 196, 512).half()
     model.train()
     opt = torch.optim.Adam(model.parameters(), 5e-5, fused=True)
-    scst = SelfCritical(reward, dict(enumerate(refs)), vocab, samples=args.samples, baseline=args.baseline,
-                        max_len=args.max_len)
+    scst = SelfCritical(reward, rrefs, vocab, samples=args.samples, baseline=args.baseline,
+                        max_len=args.max_len, end_token=end)
 
     def scst_step(k):
         rows = torch.from_numpy(np.random.default_rng(k).choice(len(refs), args.images, replace=False))

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.training.batching import BucketBatchSampler, select_lengths  # noqa: E402
 from pipeline.decoder.model import Decoder, DecoderConfig, count_flops  # noqa: E402
+from pipeline.training.objectives import xe_loss  # noqa: E402
 from pipeline.data.text import tokenize  # noqa: E402
 
 TOKENS = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flickr8k.token.txt"
@@ -98,7 +99,7 @@ def main():
         y[:, 0], y[:, -1] = 1, 2
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(x, y)
-        loss, _ = model.loss(out, y)
+        loss, _ = xe_loss(model, out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sources(rev: str | None) -> dict[str, str]:
     if rev is None:
-        return {str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "pipeline").glob("*.py"))}
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "pipeline/"],
+        return {str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "pipeline").rglob("*.py"))}
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", rev, "pipeline/"],
                            capture_output=True, text=True, check=True).stdout.split()
     return {n: subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{n}"], capture_output=True, text=True,
                               check=True).stdout for n in names if n.endswith(".py")}

@@ -338,7 +338,7 @@ def _part_extract(ctx: Ctx, backbone: str) -> dict:
 
     # 2. the network alone on a preloaded batch (already on the device)
     with gpu_batches(paths, rows[:big], spec.preprocessing, big, dev, threads=threads) as it:
-        b_rows, x0, _ = next(it)
+        b_rows, x0 = next(it)[:2]
     for _ in range(1 if ctx.args.tiny else 2):
         step(x0)
     reps = nb(len(b_rows))
@@ -374,7 +374,7 @@ def _part_extract(ctx: Ctx, backbone: str) -> dict:
     # 6. how far the GPU path's pixels are from Pillow's (nvjpeg vs libjpeg-turbo, resize rounding)
     k = min(sz.diff_images, len(paths), big)
     with gpu_batches(paths, rows[:k], spec.preprocessing, k, dev, threads=threads) as it:
-        d_rows, d_x, _ = next(it)
+        d_rows, d_x = next(it)[:2]
     diff = _pixel_diff(paths, spec, d_x, d_rows, step)
     figs.append(figure("GPU path vs Pillow: max difference", diff["max_levels"], "grey levels", cmd, **diff))
     return {"figures": figs, "notes": notes, "images": source, "weights": weights, "decode_stats": stats,
@@ -533,7 +533,7 @@ def part_e2e(ctx: Ctx) -> dict:
                     "--attention", str(d / "attention.png"), *wargs]
         ok, dt, tail = _cli(args, log)
         wrote = {"synth": list(shapes.glob("images/*.jpg")), "extract": [feats] if feats.exists() else [],
-                 "train": list(run.glob("*.pt")), "score": list(run.glob("scores_val.json")),
+                 "train": list(run.glob("*.pt")), "score": list(run.glob("scores_val.*.json")),
                  "caption": list(d.glob("attention*.png"))}[name]
         if ok and not wrote:
             ok, tail = False, f"it wrote nothing where expected\n{tail}"

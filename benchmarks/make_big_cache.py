@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/make_big_cache.py --out features/coco_sized_random.h5          # 123,287 rows, ~25 GB
     .venv/bin/python benchmarks/make_big_cache.py --out /tmp/small.h5 --images 10000            # a subset to hold in RAM
 
-The file is what `pipeline extract` writes (store.create: metadata, provenance attributes, /done), for
+The file is what `pipeline extract` writes (layout.create: metadata, provenance attributes, /done), for
 123,287 images (Karpathy's COCO: 113,287 train with restval, 5,000 val, 5,000 test) x 196 x 512 fp16
 (VGG19's shape; --dim 2048 for a ResNet-sized 99 GB one). Each image has 5 captions whose lengths
 follow Flickr8k's words-per-caption histogram, with words drawn (Zipf-like) from a fixed list of
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import caption_lengths  # noqa: E402
-from pipeline.cache import store  # noqa: E402
+from pipeline.cache import layout  # noqa: E402
 from pipeline.data.records import Record  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main():
     prov = {"backbone": "random-rows", "weights_sha256": "random", "preprocessing": {"kind": "none"},
             "input_size": 224, "grid": [14, 14] if a.regions == 196 else [a.regions, 1],
             "dataset": f"synthetic-coco-sized-{a.images}", "split_hashes": {}, "captions_sha256": ""}
-    store.create(a.out, recs, prov, num_regions=a.regions, feature_dim=a.dim, dtype="float16")
+    layout.create(a.out, recs, prov, num_regions=a.regions, feature_dim=a.dim, dtype="float16")
     rng = np.random.default_rng(a.seed)
     pool = rng.standard_normal((a.block, a.regions, a.dim), dtype=np.float32).astype(np.float16)
     t1 = time.time()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.data import synth  # noqa: E402
 from pipeline.inference.score import grid_and_size, cell_overlap  # noqa: E402
-from pipeline.cache.store import FeatureStore  # noqa: E402
+from pipeline.cache.readers import FeatureStore  # noqa: E402
 
 
 def object_vectors(st: FeatureStore, feats: np.ndarray, split: str):

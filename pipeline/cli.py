@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from pipeline import config
+from pipeline import demo as demo_mod     # (click and the standard library only: --help stays fast)
 from pipeline.extraction.backbones import BACKBONES
 from pipeline.errors import UserError
 
@@ -48,6 +49,26 @@ def given(cls, kw: dict) -> dict:
     """The options of `cls` that were given on the command line (not None)."""
     from dataclasses import fields
     return {f.name: kw[f.name] for f in fields(cls) if kw.get(f.name) is not None}
+
+
+MODEL_HELP = ("A shipped model (`pipeline models` lists them; or a path to a model folder): with --run, or several, "
+              "one more ensemble member.")
+
+
+def members(run_dirs, models) -> list | None:
+    """--run directories then --model names (ModelRef), in the order given; None when neither was given."""
+    from pipeline.inference.shipped import ModelRef
+    out = [*run_dirs, *(ModelRef(m) for m in models)]
+    return out or None
+
+
+def one_member(run_dir, model, run_flag: str, model_flag: str):
+    if run_dir is not None and model is not None:
+        raise UserError(f"{run_flag} and {model_flag} both given; pass one of them.")
+    if model is None:
+        return run_dir
+    from pipeline.inference.shipped import ModelRef
+    return ModelRef(model)
 
 
 class _Group(click.Group):
@@ -167,20 +188,27 @@ def spice(lib, archive):
 @click.option("--merge", type=click.Choice(["vds", "copy"]), default="vds", show_default=True,
               help="Under torchrun: OUT is a virtual dataset over the per-rank shards OUT.rank<r>-of<W>.h5 "
                    "(vds), or a standalone copy (copy).")
+@click.option("--layer", default="",
+              type=click.Choice(["", *sorted({c.layer for s in BACKBONES.values() for c in s.cuts})]),
+              help="Stop before the backbone's last block(s) (" + "; ".join(f"{n}: {', '.join(c.layer for c in s.cuts)}"
+                   for n, s in BACKBONES.items() if s.cuts) + "): `pipeline train` fine-tunes that top with the "
+                   "decoder [default: the final layer].")
+@click.option("--flip", is_flag=True, help="Also store each image's horizontally flipped view (/features_hflip) for "
+                                           "`pipeline train --flip`.")
 def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_size, workers, force, skip_bad, device,
-            decode, merge):
+            decode, merge, layer, flip):
     """Run a frozen backbone over every image once into an HDF5 cache (resumable)."""
     from pipeline.data import datasets
     from pipeline.extraction.extract import extract as run_extract
-    out = out or Path("features") / f"{dataset}_{backbone}.h5"
+    out = out or Path("features") / f"{dataset}_{backbone}{'_' + layer if layer else ''}{'_flip' if flip else ''}.h5"
     root = Path(root).expanduser().resolve() if root else datasets.default_root(dataset)
     records = datasets.load_records(dataset, root)
     kw = dict(dataset=dataset, backbone=backbone, weights=weights_, weights_dir=weights_dir, dtype=dtype,
               batch_size=batch_size, workers=workers, force=force, skip_bad=skip_bad, device=device,
-              dataset_root=root, decode=decode)
+              dataset_root=root, decode=decode, layer=layer, flip=flip)
     from pipeline import distributed
     if distributed.env_world_size() > 1:   # torchrun: one shard per process (docs/distributed.md)
-        from pipeline.extraction.extract import extract_distributed
+        from pipeline.extraction.sharded import extract_distributed
         main_rank = distributed.init_from_env(distributed.backend_for(device)).is_main
         try:
             res = extract_distributed(records, out, merge=merge, echo=click.echo, **kw)
@@ -253,12 +281,14 @@ def train_cmd(features, run_dir, resume, **kw):
                    "an ensemble (per-step log-probabilities averaged in one beam search).")
 @click.option("--features", type=click.Path(path_type=Path), multiple=True,
               help="Features file(s) [default: the ones recorded in the run; must have the same provenance].")
+@click.option("--model", "models", multiple=True, help=MODEL_HELP)
 @options_from(config.ScoreConfig)
-def score(run_dirs, features, **kw):
-    """Decode every image of a split once, write results_<split>.json, score (BLEU, METEOR, ROUGE-L, CIDEr,
-    and SPICE when its jars are installed: make spice)."""
+def score(run_dirs, features, models, **kw):
+    """Decode every image of a split once, write results_<split>.<decoding>.json (e.g. results_val.beam3_ln0.7.json:
+    one file per decoding), score (BLEU, METEOR, ROUGE-L, CIDEr, and SPICE when its jars are installed: make spice)
+    into scores_<split>.<decoding>.json."""
     from pipeline.inference.score import run_score
-    run_score(list(run_dirs) or None, config.ScoreConfig(**given(config.ScoreConfig, kw)), list(features) or None,
+    run_score(members(run_dirs, models), config.ScoreConfig(**given(config.ScoreConfig, kw)), list(features) or None,
               log=click.echo)
 
 
@@ -270,13 +300,15 @@ def score(run_dirs, features, **kw):
               help="Write the per-word attention maps to this PNG (several images: OUT_<image>.png).")
 @click.option("--weights", "weights_", multiple=True,
               help="Backbone weights file: PATH, or BACKBONE=PATH when the run reads several backbones' caches.")
+@click.option("--model", "models", multiple=True, help=MODEL_HELP + " With neither --run nor --model and no "
+              "run under runs/: the best shipped model whose backbone weights are here.")
 @options_from(config.CaptionConfig)
-def caption(images, run_dirs, attention, weights_, **kw):
-    """Caption IMAGES with a trained run (prints IMAGE<TAB>caption)."""
+def caption(images, run_dirs, attention, weights_, models, **kw):
+    """Caption IMAGES with a trained run or a shipped model (prints IMAGE<TAB>caption)."""
     from pipeline.inference.caption import attention_paths, caption_images, open_images
     from pipeline.reporting.viz import attention_figure
     cfg = config.CaptionConfig(**given(config.CaptionConfig, kw), weights=tuple(weights_))
-    results = caption_images(images, list(run_dirs) or None, cfg, log=click.echo)
+    results = caption_images(images, members(run_dirs, models), cfg, log=click.echo)
     for r in results:
         click.echo(f"{r.path}\t{r.caption}")
     if attention:
@@ -303,8 +335,9 @@ def report(run_dirs, out, curves):
 
 # ---- results browser -----------------------------------------------------------------------------
 @main.command()
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="Run directory [default: the run under runs/ with the newest checkpoint].")
+@click.option("--run", "run_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="Run directory [default: the run under runs/ with the newest checkpoint]. One: an ensemble has no "
+                   "single attention map per word (score it with `pipeline score --run A --run B`).")
 @click.option("--compare", type=click.Path(path_type=Path), default=None,
               help="A second run shown side by side on the same images (sortable by the score difference).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -315,10 +348,14 @@ def report(run_dirs, out, curves):
 @click.option("--compare-features", type=click.Path(path_type=Path), multiple=True,
               help="Features file(s) of the --compare run [default: the ones recorded in it].")
 @click.option("--images", "image_root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder holding the images [default: the dataset root recorded in the features file].")
+              help="The dataset folder the cache's image paths are relative to (the --root given to extract; "
+                   "it holds images/), when it moved [default: the one recorded in the features file].")
+@click.option("--model", default=None, help="A shipped model (`pipeline models`) instead of --run; the site goes "
+              "to runs/model_<NAME>/ by default (needs the model's cache: the error names the extraction).")
+@click.option("--compare-model", default=None, help="A shipped model instead of --compare.")
 @options_from(config.BrowseConfig)
 @options_from(config.ScoreConfig)
-def browse(run_dir, compare, out, features, compare_features, image_root, **kw):
+def browse(run_dirs, compare, out, features, compare_features, image_root, model, compare_model, **kw):
     """Write a static results browser: per image the caption, references, scores and per-word attention.
 
     Open OUT/index.html from disk (no server). Cards sort by score (worst first) and filter by a word;
@@ -326,12 +363,67 @@ def browse(run_dir, compare, out, features, compare_features, image_root, **kw):
     """
     from pipeline.reporting.browse import run_browse
     if image_root is not None and not image_root.is_dir():
-        raise UserError(f"--images {image_root}: no such folder. Pass the folder holding the dataset's images.")
+        raise UserError(f"--images {image_root}: no such folder. Pass the dataset folder given to extract --root.")
+    if len(run_dirs) > 1:    # the site shows each word's attention: an ensemble's steps average several models'
+        raise UserError(f"--run given {len(run_dirs)} times: browse shows one run (or two: --run A --compare B). An "
+                        f"ensemble has no single attention map per word; score it with `pipeline score "
+                        f"{' '.join('--run ' + str(r) for r in run_dirs)}`.")
     cfg = config.ScoreConfig(**given(config.ScoreConfig, kw))
+    run_dir = run_dirs[0] if run_dirs else None
+    run_dir, compare = one_member(run_dir, model, "--run", "--model"), one_member(compare, compare_model, "--compare",
+                                                                                   "--compare-model")
     index = run_browse(run_dir, cfg.split, cfg, compare=compare, out=out, features=list(features) or None,
                        compare_features=list(compare_features) or None, image_root=image_root,
                        bcfg=config.BrowseConfig(**given(config.BrowseConfig, kw)), log=click.echo)
     click.echo(f"open {index}")
+
+
+# ---- shipped models and the captioning page --------------------------------------------------------
+@main.command("models")
+def models_cmd():
+    """List the shipped models (models/, or $PIPELINE_MODELS) with their val scores, best CIDEr first."""
+    from pipeline.inference.shipped import format_models, list_models
+    click.echo(format_models(list_models()))
+
+
+@main.command("export")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="The model's name: its folder models/NAME and `--model NAME`.")
+@click.option("--force", is_flag=True, help="Replace an existing models/NAME (once the new one is complete).")
+@click.option("--features", type=click.Path(path_type=Path), multiple=True,
+              help="Features file(s) of RUN [default: the ones recorded in the run].")
+@click.option("--train-command", default=None, help="The exact training command for the model card [default: "
+              "rebuilt from the run's saved settings].")
+@click.option("--limits", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Markdown file: the card's 'Known limits' section [default: the generic list in export.py].")
+@options_from(config.ExportConfig)
+@options_from(config.ScoreConfig, skip=("split",))
+def export_cmd(run, name, force, features, train_command, limits, **kw):
+    """Ship RUN's best.pt as models/NAME: weights only (fp16 when the val scores stay within the tolerance
+    of fp32, both measured), vocabulary, provenance, sha256s, blind test decoding and a model card."""
+    from pipeline.inference.export import export_run
+    if limits is not None and not limits.is_file():
+        raise UserError(f"--limits {limits}: no such file.")
+    ecfg = config.ExportConfig(**given(config.ExportConfig, kw))
+    scfg = config.ScoreConfig(**given(config.ScoreConfig, kw))
+    export_run(run, name, ecfg, scfg, force=force, features=list(features) or None, command=train_command,
+               limits=limits.read_text() if limits else None, log=click.echo)
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, help="A shipped model (`pipeline models`); several, or with "
+              "--run: an ensemble [default: the newest run under runs/, else the best shipped model].")
+@click.option("--run", "run_dirs", type=click.Path(path_type=Path), multiple=True, help="A run directory.")
+@click.option("--weights", "weights_", multiple=True,
+              help="Backbone weights file: PATH, or BACKBONE=PATH when the model reads several backbones' caches.")
+@options_from(config.ServeConfig)
+@options_from(config.CaptionConfig, skip=("batch_size",))
+def serve(models, run_dirs, weights_, **kw):
+    """A captioning page on http://127.0.0.1:PORT/: pick or drop a photo, see its caption, every beam with its
+    score, and each word's attention. Needs the optional extra: make serve."""
+    from pipeline.serving.server import serve as run_server
+    run_server(members(run_dirs, models), config.ServeConfig(**given(config.ServeConfig, kw)),
+               config.CaptionConfig(**given(config.CaptionConfig, kw), weights=tuple(weights_)), log=click.echo)
 
 
 # ---- demo -------------------------------------------------------------------------------------
@@ -341,14 +433,15 @@ def browse(run_dir, compare, out, features, compare_features, image_root, **kw):
 @click.option("--train", "n_train", default=500, show_default=True, help="Synthetic training images.")
 @click.option("--val", "n_val", default=100, show_default=True)
 @click.option("--test", "n_test", default=100, show_default=True)
-@click.option("--minutes", default=3.0, show_default=True, help="Training time budget.")
+@click.option("--epochs", default=demo_mod.EPOCHS, show_default=True, type=click.IntRange(1),
+              help="Training epochs (a fixed count: the same model on every machine).")
 @click.option("--backbone", default="vgg19", show_default=True)
 @click.option("--weights-dir", default="weights", show_default=True)
-def demo(out, n_train, n_val, n_test, minutes, backbone, weights_dir):
+def demo(out, n_train, n_val, n_test, epochs, backbone, weights_dir):
     """Run the whole pipeline on the embedded synthetic shapes set (CPU, a few minutes)."""
     from pipeline.demo import run_demo
     run_demo(lambda args: main.main(args=args, prog_name="pipeline", standalone_mode=False),
-             out, train=n_train, val=n_val, test=n_test, minutes=minutes, weights_dir=weights_dir,
+             out, train=n_train, val=n_val, test=n_test, epochs=epochs, weights_dir=weights_dir,
              backbone=backbone)
 
 if __name__ == "__main__":

@@ -65,7 +65,10 @@ def defaults(cls) -> dict:
 LEGACY: dict[str, dict[str, Any]] = {
     "DecoderConfig": {"embed_dropout": 0.0, "context_dropout": 0.0, "hidden_dropout": 0.0,
                       "reinforce_weight": 1.0, "entropy_weight": 0.002},
-    "TrainConfig": {"label_smoothing": 0.0, "weight_decay": 0.0, "lr_schedule": "plateau"},
+    "TrainConfig": {"label_smoothing": 0.0, "weight_decay": 0.0, "lr_schedule": "plateau",
+                    # val decoding before the decoding rules existed: no length norm, nothing masked
+                    "length_norm": 0.0, "block_trigrams": False, "remove_bad_endings": False, "suppress_unk": False,
+                    "scst_reward_end": False},
 }
 
 
@@ -118,7 +121,28 @@ class DecoderConfig:
 
 
 @dataclass
-class TrainConfig:
+class DecodingRules:
+    """What a decoded caption may be (decoder/rules.py applies them): shared by score, caption, browse and the
+    trainer's val decoding, so every decoding follows the same rules with the same defaults."""
+    length_norm: float = setting(0.7, "Beam search ranks finished captions by logprob / length**X (length counts "
+                                      "<end>; 0.7 measured best on Flickr8k val); 0: raw logprob.", ge=0)
+    block_trigrams: bool = setting(True, "No word trigram twice in one caption (greedy and beam search).")
+    remove_bad_endings: bool = setting(False, "No <end> right after a function word (a, an, the, and, of, in, on, "
+                                              "with, to, at, for, ...): no caption ends mid-phrase.")
+    suppress_unk: bool = setting(True, "Never emit <unk> (its log-probability masked); off: <unk> may be emitted "
+                                       "and is printed as '<unk>'.")
+
+
+@dataclass
+class BeamDecoding(DecodingRules):
+    """Decoding settings of score, caption and browse."""
+    beam: int = setting(3, "Beam size (1: greedy).", ge=1, le=100)
+    max_len: int = setting(0, "Longest caption in words (<end> not counted); 0: auto, the longest training caption "
+                              "the run kept (read from its features cache).", ge=0)
+
+
+@dataclass
+class TrainConfig(DecodingRules):
     features: tuple = setting((), "Feature cache(s); several are fused (vectors concatenated per region).", cli=False)
     objective: str = setting("xe", "xe: cross-entropy with teacher forcing (the paper); scst: self-critical "
                                    "sequence training with a CIDEr-D reward (needs --init-from).", choices=("xe", "scst"))
@@ -148,7 +172,10 @@ class TrainConfig:
     scst_samples: int = setting(5, "scst: captions sampled per image.", ge=1)
     scst_baseline: str = setting("mean", "scst: reward baseline: the mean reward of the image's other samples, or "
                                          "the greedy caption's reward.", choices=("mean", "greedy"))
-    scst_max_len: int = setting(16, "scst: longest sampled caption (words).", ge=1)
+    scst_max_len: int = setting(16, "scst: longest sampled caption in words (<end> not counted).", ge=1)
+    scst_reward_end: bool = setting(True, "scst: the CIDEr-D reward reads the end token (the field's recipe): a "
+                                          "caption that ended is scored as 'w1 .. wn <end>' against references "
+                                          "ending in <end>; one cut at --scst-max-len has no <end>.")
     seed: int = setting(0, "Random seed (weights, batches, dropout, sampling).", ge=0)
     device: str = setting("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
     threads: int = setting(0, "CPU threads for torch (0: one per core); 1 per run when runs share the cores.", ge=0)
@@ -160,11 +187,21 @@ class TrainConfig:
     num_workers: int = setting(0, "Reader processes when features are read lazily.", ge=0, flag="--workers")
     val_batch_size: int = setting(250, "Images per val decoding batch.", ge=1)
     log_every: int = setting(100, "Steps between progress lines (and non-finite loss checks).", ge=1)
+    top_lr: float = setting(1e-4, "Learning rate of the encoder top, for a cache of an earlier layer (extract --layer): "
+                                  "the backbone's last block(s), trained with the decoder from the cached activations "
+                                  "(BatchNorm frozen); 0 keeps them at their pretrained weights.", ge=0)
+    weights_dir: str = setting("weights", "Where the backbone weights are: the top of a cache of an earlier layer "
+                                          "starts from them (sha256 checked against the cache's).")
+    flip: bool = setting(False, "xe: per caption and epoch, train on the image's original or horizontally flipped "
+                                "view (a cache made with extract --flip), drawn from the seed; 'left' and 'right' "
+                                "are exchanged in the flipped view's caption. Validation reads the original view.")
 
     def __post_init__(self):
         one = isinstance(self.features, (str, os.PathLike))
         self.features = tuple(str(f) for f in ([self.features] if one else self.features))
         check(self)
+        if self.flip and self.objective == "scst":
+            raise UserError("--flip draws views per caption (cross-entropy); --objective scst does not read them.")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -176,11 +213,8 @@ class TrainConfig:
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(BeamDecoding):
     split: str = setting("val", "Split of the features file to decode and score.")
-    beam: int = setting(3, "Beam size (1: greedy).", ge=1, le=100)
-    max_len: int = setting(20, "Longest caption (tokens).", ge=1)
-    length_norm: float = setting(0.0, "Rank finished beams by logprob / length**X (e.g. 0.7); 0: raw logprob.", ge=0)
     batch_size: int = setting(100, "Images per beam-search batch.", ge=1)
     device: str = setting("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
     workers: int = setting(0, "CPU decoding processes, one thread each (0: one per core, at most 4).", ge=0)
@@ -196,10 +230,7 @@ class ScoreConfig:
 
 
 @dataclass
-class CaptionConfig:
-    beam: int = setting(3, "Beam size (1: greedy).", ge=1, le=100)
-    max_len: int = setting(20, "Longest caption (tokens).", ge=1)
-    length_norm: float = setting(0.0, "Rank finished beams by logprob / length**X (e.g. 0.7); 0: raw logprob.", ge=0)
+class CaptionConfig(BeamDecoding):
     batch_size: int = setting(16, "Images per batch.", ge=1)
     device: str = setting("auto", "auto (cuda when available), cpu or cuda: the backbone and the decoder.",
                           choices=("auto", "cpu", "cuda"))
@@ -219,6 +250,35 @@ class BrowseConfig:
     thumb: int = setting(224, "Longest side of the JPEG thumbnails (pixels).", ge=16, le=1024)
     quality: int = setting(85, "JPEG quality of the thumbnails.", ge=1, le=100)
     upscale: int = setting(16, "Attention map upsampling in the browser (as viz.upsample_alpha).", ge=1, cli=False)
+
+    def __post_init__(self):
+        check(self)
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = setting("auto", "Weights stored as float16, float32, or auto: float16 when every val metric of the "
+                                 "fp16 weights is within --fp16-tolerance of fp32 (both are measured).",
+                         choices=("auto", "float16", "float32"))
+    fp16_tolerance: float = setting(0.1, "auto: the largest fp16 - fp32 difference allowed on any val metric (x100).",
+                                    ge=0)
+    split: str = setting("val", "Split scored in fp32 and fp16 for the model card.")
+    test_split: str = setting("test", "Split decoded into the card's test decoding file ('' for none).")
+    max_file_mb: float = setting(25.0, "Refuse any file of the model larger than this (MB = 10^6 bytes).", gt=0)
+
+    def __post_init__(self):
+        check(self)
+
+
+@dataclass
+class ServeConfig:
+    """The captioning page's server (`pipeline serve`); how it decodes is CaptionConfig's (beam, rules, device)."""
+    port: int = setting(8008, "TCP port on 127.0.0.1.", ge=1024, le=65535)
+    max_upload_mb: float = setting(20.0, "Largest photo accepted (MB = 10^6 bytes); larger ones get a message.", gt=0)
+    max_pixels: int = setting(89_478_485, "Largest image accepted (width x height, Pillow's decompression-bomb "
+                                          "limit); larger ones get a message.", ge=1)
+    max_pending: int = setting(8, "Uploads waiting or being captioned at once; more get a 'busy' message.", ge=1)
+    timeout: float = setting(120.0, "Seconds an upload may wait for its caption before it gets a message.", gt=0)
 
     def __post_init__(self):
         check(self)

@@ -5,8 +5,8 @@ the processes and sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTE
 Without torchrun (WORLD_SIZE unset or 1) every function degrades to the single-process behaviour.
 See docs/distributed.md for the commands.
 
-Where the distributed parts of each stage live: sharded extraction is extract.extract_distributed
-(merged by store.merge_shards); the DDP batch split is batching.DistributedBatchSampler; training
+Where the distributed parts of each stage live: sharded extraction is extraction.sharded.extract_distributed
+(merged by cache.shards.merge_shards); the DDP batch split is batching.DistributedBatchSampler; training
 calls `wrap_ddp`, `seed_rank`, `all_reduce_*` and `any_rank` from here.
 """
 from __future__ import annotations

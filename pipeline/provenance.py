@@ -1,8 +1,10 @@
-"""What made an artefact: code version, hashes. Checked wherever two artefacts meet."""
+"""What made an artefact: code version, hashes (checked wherever two artefacts meet), and what it
+cost (ComputeMeter: wall, CPU and GPU seconds, recorded by extraction and training)."""
 from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from pathlib import Path
 
 from pipeline import __version__
@@ -42,3 +44,41 @@ def sha256_strings(items) -> str:
         h.update(s.encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
+
+
+# -- compute: what an artefact cost ----------------------------------------------------------------
+COMPUTE_KEYS = ("wall_s", "cpu_s", "gpu_s")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) and of its children that have
+    ended and been waited for (DataLoader workers once shut down, java scorers)."""
+    import resource
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class ComputeMeter:
+    """Wall, CPU and GPU seconds since the last `lap()` (or since it was made).
+
+    GPU seconds are the wall seconds the process held its GPU(s) (`gpus` of them when `device` is
+    CUDA), not kernel time: the figure accounting of GPU hours uses. 0 on CPU."""
+
+    def __init__(self, device="cpu", gpus: int = 1):
+        self.gpus = gpus if str(device).startswith("cuda") else 0
+        self._mark = (time.perf_counter(), cpu_seconds())
+
+    def lap(self) -> dict:
+        """{"wall_s", "cpu_s", "gpu_s"} since the last lap; starts the next one."""
+        now = (time.perf_counter(), cpu_seconds())
+        (w0, c0), self._mark = self._mark, now
+        wall = now[0] - w0
+        return {"wall_s": wall, "cpu_s": now[1] - c0, "gpu_s": wall * self.gpus}
+
+
+def add_compute(total: dict | None, lap: dict) -> dict:
+    """`total` (None or a dict with COMPUTE_KEYS and anything else) plus `lap`, rounded to ms."""
+    out = dict(total or {})
+    for k in COMPUTE_KEYS:
+        out[k] = round(float(out.get(k) or 0.0) + float(lap.get(k) or 0.0), 3)
+    return out

@@ -1,7 +1,7 @@
 """Tiny feature stores for tests (no images, no backbone): `from helpers_store import make_store`.
 
 make_store(path, n_per_split={"train": 8, "val": 4}, captions=None, L=196, C=16, ...) writes a
-complete cache with pipeline.cache.store.create, fills /features and sets /done. By default the data is
+complete cache with pipeline.cache.layout.create, fills /features and sets /done. By default the data is
 *structured*: image k belongs to class k % len(CLASSES), its features carry a class-specific
 pattern (plus noise), and its captions name the class, so a decoder can learn to caption it.
 """
@@ -13,8 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache import store
-from pipeline.provenance import sha256_strings
+from pipeline.cache import identity, layout
 from pipeline.data.records import Record
 
 CLASSES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
@@ -51,9 +50,9 @@ def make_store(path, n_per_split: dict | None = None, captions=None, *, L: int =
     grid = [side, side] if side * side == L else [L, 1]
     prov = {"backbone": backbone, "weights_sha256": "0" * 64, "preprocessing": {"kind": "none"},
             "input_size": [224, 224], "grid": grid, "dataset": dataset,
-            "split_hashes": {s: sha256_strings([r.image_id for r in records if r.split == s]) for s in n_per_split},
+            "split_hashes": identity.split_hashes(records),
             "code_version": "test", "created": "test"}
-    store.create(path, records, prov, num_regions=L, feature_dim=C, dtype=dtype)
+    layout.create(path, records, prov, num_regions=L, feature_dim=C, dtype=dtype)
     rng = np.random.default_rng(seed)
     patterns = rng.normal(size=(len(CLASSES), L, C)).astype(np.float32)
     feats = np.empty((len(records), L, C), np.float32)

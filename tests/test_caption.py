@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cache import store
+from pipeline.cache import readers
 from pipeline.inference.caption import Encoder, open_images
 from pipeline.errors import UserError
 from pipeline.data.records import Record
@@ -51,7 +51,7 @@ def test_caption_features_equal_extracted_features_for_every_mode(tmp_path, tiny
     recs = [Record(p.stem, p, "train", ["a picture"]) for p in paths]
     out = tmp_path / "f.h5"
     run(recs, out)
-    st = store.FeatureStore.open(out)
+    st = readers.FeatureStore.open(out)
     enc = Encoder([st.provenance], weights_dir=tmp_path, device="cpu")
     feats = enc(open_images(paths))
     assert feats.dtype == np.float32 and feats.shape == (len(paths), 196, 8)
@@ -65,7 +65,7 @@ def test_encoder_refuses_other_weights_or_preprocessing(tmp_path, tiny):
     paths = _odd_images(tmp_path)[:1]
     out = tmp_path / "f.h5"
     run([Record("a", paths[0], "train", ["x"])], out)
-    prov = store.FeatureStore.open(out).provenance
+    prov = readers.FeatureStore.open(out).provenance
     with pytest.raises(UserError, match="sha256.*--weights"):
         Encoder([dict(prov, weights_sha256="something-else")], weights_dir=tmp_path)
     with pytest.raises(UserError, match="preprocessing"):
@@ -81,7 +81,7 @@ def test_fused_encoder_concatenates_backbones(tmp_path, tiny):
     recs = [Record(p.stem, p, "train", ["x"]) for p in paths]
     run(recs, tmp_path / "a.h5")
     run(recs, tmp_path / "b.h5", backbone="tiny2")
-    fused = store.open_features([tmp_path / "a.h5", tmp_path / "b.h5"])
+    fused = readers.open_features([tmp_path / "a.h5", tmp_path / "b.h5"])
     feats = Encoder(fused.provenances, weights_dir=tmp_path, device="cpu")(open_images(paths))
     np.testing.assert_array_equal(feats, fused.load_features().astype(np.float32))
     assert feats.shape == (2, 196, 16)
@@ -121,3 +121,16 @@ def test_caption_with_an_ensemble_and_a_fused_run(tmp_path, tiny):
     fused = caption_images(paths, tmp_path / "fused", cfg, log=lambda s: None)
     mixed = caption_images(paths, [tmp_path / "single", tmp_path / "fused"], cfg, log=lambda s: None)
     assert len(fused) == len(mixed) == 3 and all(c.grid == (14, 14) for c in fused + mixed)
+
+
+def test_attention_path_printed_is_the_file_written(tmp_path):
+    """`caption --attention att` printed `att` while matplotlib wrote att.png (issue 20)."""
+    from pipeline.inference.caption import attention_paths
+    from pipeline.reporting.viz import attention_figure
+    cases = [("att", ["x/a.jpg"], ["att.png"]), ("att.v2", ["a.jpg"], ["att.v2.png"]), ("att.png", ["a.jpg"], ["att.png"]),
+             ("att", ["a.jpg", "b.jpg"], ["att_a.png", "att_b.png"]), ("att.svg", ["a.jpg"], ["att.svg"])]
+    for given, images, want in cases:
+        assert [p.name for p in attention_paths(tmp_path / given, images)] == want, given
+    (path,) = attention_paths(tmp_path / "pic", ["a.jpg"])
+    assert attention_figure(Image.new("RGB", (32, 32)), ["a"], np.eye(196)[[0]], path) == path
+    assert [f.name for f in tmp_path.iterdir()] == ["pic.png"]

@@ -159,6 +159,41 @@ def test_karpathy_errors(tmp_path):
         datasets.load_records("flickr30k", root)
 
 
+# ---- entries outside the image folder ------------------------------------------------------------
+
+def test_entries_outside_the_image_folder_are_refused_by_name(tmp_path):
+    """`..`, an absolute path and a symbolic link leading out of images/: each reader refuses the entry
+    by name (extraction would read the file, and the browser copy it into its thumbnails)."""
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"private")
+    root = make_flickr8k(tmp_path, 2, 1, 1)
+    train = root / "Flickr_8k.trainImages.txt"
+    names = train.read_text().split("\n")
+    for bad in ("../../secret.jpg", str(secret)):
+        train.write_text("\n".join(names + [bad]))
+        with pytest.raises(UserError, match=rf"1 image entry points outside.*{bad}.*Flickr_8k\.trainImages\.txt:3"):
+            datasets.load_records("flickr8k", root, check_images=False)
+    train.write_text("\n".join(names))
+    (root / "images" / names[0]).unlink()
+    (root / "images" / names[0]).symlink_to(secret)                     # a link out of images/
+    with pytest.raises(UserError, match=rf"outside.*{names[0]}"):
+        datasets.load_records("flickr8k", root)
+    (root / "images" / names[0]).unlink()
+    (root / "images" / "real.jpg").write_bytes(b"x")
+    (root / "images" / names[0]).symlink_to(root / "images" / "real.jpg")   # a link inside is fine
+    assert len(datasets.load_records("flickr8k", root)) == 4
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    for entry, shown in (({"filepath": "../..", "filename": "secret.jpg"}, "secret.jpg"),
+                         ({"filename": str(secret)}, str(secret))):
+        write_karpathy(coco, [dict(entry, split="train", sentences=[])])
+        with pytest.raises(UserError, match=rf"outside.*{shown}.*images\[0\]"):
+            datasets.load_records("coco", coco, check_images=False)
+    write_karpathy(coco, [{"filepath": 7, "filename": "a.jpg", "split": "train", "sentences": []}])
+    with pytest.raises(UserError, match=r"images\[0\] \(a\.jpg\) has a 'filepath' that is not a string"):
+        datasets.load_records("coco", coco, check_images=False)
+
+
 # ---- registry, shapes, CLI ----------------------------------------------------------------------
 
 def test_registry_and_default_roots(monkeypatch, tmp_path):

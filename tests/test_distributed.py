@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from pipeline import distributed as D
-from pipeline.cache import store
+from pipeline.cache import identity, layout, readers
+from pipeline.cache.shards import merge_shards, shard_path, write_global_index
 from pipeline.distributed import shard
 from pipeline.training.batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler
 from pipeline.errors import UserError
-from pipeline.extraction.extract import extract_distributed
+from pipeline.extraction.sharded import extract_distributed
 from pipeline.data.records import Record
 
 
@@ -78,7 +79,8 @@ def make_image_records(root: Path, n: int) -> list[Record]:
 
 
 def same_file(a: Path, b: Path) -> None:
-    """Same layout, metadata, provenance attrs and features row for row (code_version/created aside)."""
+    """Same layout, metadata, provenance attrs and features row for row (code_version, created and the
+    compute record aside)."""
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         assert sorted(fa) == sorted(fb)
         for k in fa:
@@ -88,8 +90,8 @@ def same_file(a: Path, b: Path) -> None:
         assert fa["features"].chunks == fb["features"].chunks or fb["features"].is_virtual
         ka = {k for k in fa.attrs}
         assert ka == set(fb.attrs)
-        for k in ka - {"created", "code_version"}:
-            assert store._unattr(fa.attrs[k]) == store._unattr(fb.attrs[k]), k
+        for k in ka - {"created", "code_version", "compute"}:   # compute: the record of the work (sessions differ)
+            assert layout.decode_attr(fa.attrs[k]) == layout.decode_attr(fb.attrs[k]), k
 
 
 # ---- shard ------------------------------------------------------------------------------------------
@@ -184,14 +186,13 @@ def _synthetic_records(n: int) -> list[Record]:
 
 
 def _prov(records):
-    from pipeline.extraction.extract import split_hashes
     return {"backbone": "syn", "weights_sha256": "0" * 64, "preprocessing": {"kind": "none"},
-            "input_size": 28, "grid": [2, 2], "dataset": "syn", "split_hashes": split_hashes(records),
-            "captions_sha256": store.captions_sha256(records), "code_version": "test", "created": "now"}
+            "input_size": 28, "grid": [2, 2], "dataset": "syn", "split_hashes": identity.split_hashes(records),
+            "captions_sha256": identity.captions_sha256(records), "code_version": "test", "created": "now"}
 
 
 def _write(path, records, feats, bad=None):
-    store.create(path, records, _prov(records), num_regions=4, feature_dim=3, dtype="float16",
+    layout.create(path, records, _prov(records), num_regions=4, feature_dim=3, dtype="float16",
                  dataset_root="/data")
     with h5py.File(path, "r+") as f:
         f["features"][...] = feats
@@ -214,32 +215,32 @@ def test_merge_vds_and_copy_equal_single_file(tmp_path, world):
     shards = []
     for r in range(world):
         rows = shard(n, r, world)
-        p = store.shard_path(out, r, world)
+        p = shard_path(out, r, world)
         _write(p, [recs[i] for i in rows], feats[rows], bad[rows])
-        store.write_global_index(p, rows, r, world, n, of=out.name)
+        write_global_index(p, rows, r, world, n, of=out.name)
         shards.append(p)
     assert shards[0].name == f"out.rank0-of{world}.h5"
-    store.merge_shards(out, shards, recs, mode="vds")
+    merge_shards(out, shards, recs, mode="vds")
     with h5py.File(out, "r") as f:
         assert f["features"].is_virtual and f["done"].is_virtual and not f["captions"].is_virtual
         assert all(not os.path.isabs(m.file_name) for m in f["features"].virtual_sources())
     same_file(ref, out)
-    st = store.FeatureStore.open(out)
+    st = readers.FeatureStore.open(out)
     np.testing.assert_array_equal(st.load_features([5, 0, 10]), feats[[5, 0, 10]])
-    assert store.LazyFeatures(out)[7].tolist() == feats[7].tolist()
+    assert readers.LazyFeatures(out)[7].tolist() == feats[7].tolist()
 
     moved = tmp_path / "moved"                        # relative sources: the folder can move
     shutil.move(out.parent, moved)
     same_file(ref, moved / "out.h5")
     copy = moved / "copy.h5"
-    store.merge_shards(copy, [moved / p.name for p in shards], recs, mode="copy")
+    merge_shards(copy, [moved / p.name for p in shards], recs, mode="copy")
     with h5py.File(copy, "r") as f:
         assert not f["features"].is_virtual
     for p in shards:
         (moved / p.name).unlink()
     same_file(ref, copy)                               # a copy merge stands alone
     with pytest.raises(UserError, match="incomplete"):  # a VDS whose shards are gone reads as not done
-        store.FeatureStore.open(moved / "out.h5")
+        readers.FeatureStore.open(moved / "out.h5")
 
 
 def test_merge_refuses_incomplete_or_overlapping_shards(tmp_path):
@@ -250,16 +251,16 @@ def test_merge_refuses_incomplete_or_overlapping_shards(tmp_path):
     ps = []
     for r in range(2):
         rows = shard(n, r, 2)
-        p = store.shard_path(out, r, 2)
+        p = shard_path(out, r, 2)
         _write(p, [recs[i] for i in rows], feats[rows])
-        store.write_global_index(p, rows, r, 2, n)
+        write_global_index(p, rows, r, 2, n)
         ps.append(p)
     with pytest.raises(UserError, match="exactly once"):
-        store.merge_shards(out, [ps[0], ps[0]], recs)
+        merge_shards(out, [ps[0], ps[0]], recs)
     with h5py.File(ps[1], "r+") as f:
         f["done"][0] = False
     with pytest.raises(UserError, match="incomplete"):
-        store.merge_shards(out, ps, recs)
+        merge_shards(out, ps, recs)
     assert not out.exists()
 
 
@@ -296,7 +297,7 @@ def _extract_worker(rank, world, port, root, out, merge, reference):
         # Resume per shard: forget 2 rows of shard 1, delete OUT; the re-run computes those 2 rows only.
         D.barrier()
         if rank == 0:
-            with h5py.File(store.shard_path(out, 1, world), "r+") as f:
+            with h5py.File(shard_path(out, 1, world), "r+") as f:
                 f["done"][1:3] = False
                 f["features"][1:3] = 0
             out.unlink()
@@ -318,9 +319,9 @@ def test_two_process_extraction_equals_single_process(tmp_path, merge):
     same_file(ref, out)
     assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == \
         ["syn.h5", "syn.rank0-of2.h5", "syn.rank1-of2.h5"]
-    with h5py.File(store.shard_path(out, 1, 2), "r") as f:
+    with h5py.File(shard_path(out, 1, 2), "r") as f:
         assert f["global_index"][()].tolist() == list(range(6, 11))
-    assert store.FeatureStore.open(out).num_images == 11
+    assert readers.FeatureStore.open(out).num_images == 11
 
 
 def _bad_image_worker(rank, world, port, root, out, result):
@@ -344,7 +345,7 @@ def test_error_on_one_rank_stops_every_rank_without_merge(tmp_path):
     spawn(_bad_image_worker, 2, str(tmp_path / "data"), str(out), str(result))
     assert "could not be read" in Path(f"{result}.1").read_text()
     assert "rank 1:" in Path(f"{result}.0").read_text() and "006.png" in Path(f"{result}.0").read_text()
-    assert not out.exists() and store.shard_path(out, 0, 2).exists()
+    assert not out.exists() and shard_path(out, 0, 2).exists()
 
 
 # ---- 2 processes: DDP gradient averaging = mean loss over the whole batch -------------------------------
@@ -364,7 +365,7 @@ def _toy_train(rank, world, steps, batch_size, ddp, attention="soft"):
     gradients summed with the DDP weights / W, hard attention's samples drawn with each rank's seed
     for its part, and one baseline update per step over all parts' captions."""
     from pipeline.decoder.model import Decoder, DecoderConfig
-    from pipeline.training.objectives import CrossEntropy
+    from pipeline.training.objectives import CrossEntropy, update_baseline, xe_loss
     lengths, tokens, feats = _toy_data()
     torch.manual_seed(0)
     model = Decoder(DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0, attention=attention,
@@ -387,12 +388,12 @@ def _toy_train(rank, world, steps, batch_size, ddp, attention="soft"):
                 loss, _ = xe(net, model, (x, y), torch.device("cpu"), False, w)
                 (loss * w).backward()
             else:                                            # the same computation in one process
-                loss, parts = model.loss(model(x, y), y)
+                loss, parts = xe_loss(model, model(x, y), y)
                 (loss * w / world).backward()
                 if "reward_sum" in parts and w > 0:
                     tot += torch.stack([parts["reward_sum"], parts["reward_n"]]).double()
         if not ddp and attention == "hard":
-            model.update_baseline(tot[0], tot[1])
+            update_baseline(model, tot[0], tot[1])
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)   # clipping sees the averaged gradient
         opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -513,6 +514,6 @@ def test_cli_extract_and_train_under_two_processes(tmp_path):
                            "--min-count", "1", "--device", "cpu"])
     with h5py.File(out, "r") as f:
         assert not f["features"].is_virtual                     # --merge copy
-    st = store.FeatureStore.open(out)
+    st = readers.FeatureStore.open(out)
     assert st.num_images == 8 and st.done.all() and st.objects is not None
     assert (tmp_path / "run" / "best.pt").exists() and _params(tmp_path / "run")["epoch"] == 1

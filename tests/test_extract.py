@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.extraction import backbones
 
-from pipeline.cache import store
+from pipeline.cache import identity, layout, readers
 from pipeline.errors import UserError
 from pipeline.extraction.extract import extract, info
 from pipeline.data.records import Record
@@ -97,13 +97,13 @@ def test_layout_and_attrs(tmp_path, tiny):
         assert [s.decode() for s in f["image_ids"][()]] == [r.image_id for r in kept]
         assert f["filenames"][0].decode() == "img/000.jpg"          # relative to the dataset root
         assert len(f["captions"]) == 16 and list(f["caption_row"][:4]) == [0, 0, 1, 1]
-    a = store.read_attrs(out)
+    a = layout.read_attrs(out)
     for k in ("backbone", "weights_sha256", "preprocessing", "input_size", "grid", "feature_dim", "dtype",
               "dataset", "split_hashes", "code_version", "created", "format_version", "num_images"):
         assert k in a, k
     assert a["grid"] == [14, 14] and a["feature_dim"] == 8 and a["backbone"] == "tiny"
     assert set(a["split_hashes"]) == {"train", "val", "test"}
-    st = store.FeatureStore.open(out)
+    st = readers.FeatureStore.open(out)
     feats = st.load_features()
     assert np.abs(feats).sum(axis=(1, 2)).min() > 0                      # no zero rows
     # Grid layout: region l = y*14 + x of the backbone's (C,14,14) map.
@@ -119,26 +119,26 @@ def test_workers_and_float32_match(tmp_path, tiny):
     recs = make_records(tmp_path, n=7)
     a = run(recs, tmp_path / "a.h5", dtype="float32").path
     b = run(recs, tmp_path / "b.h5", dtype="float32", workers=2, batch_size=4).path
-    fa, fb = store.FeatureStore.open(a).load_features(), store.FeatureStore.open(b).load_features()
+    fa, fb = readers.FeatureStore.open(a).load_features(), readers.FeatureStore.open(b).load_features()
     assert fa.dtype == np.float32
     np.testing.assert_array_equal(fa, fb)
 
 
 def test_resume_after_exception_identical(tmp_path, tiny, monkeypatch):
     recs = make_records(tmp_path, n=14)
-    ref = store.FeatureStore.open(run(recs, tmp_path / "ref.h5").path).load_features()
+    ref = readers.FeatureStore.open(run(recs, tmp_path / "ref.h5").path).load_features()
     out = tmp_path / "crash.h5"
     monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec(fail_after=2))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(recs, out)
-    done = store.FeatureStore.open(out, require_complete=False).done
+    done = readers.FeatureStore.open(out, require_complete=False).done
     assert 0 < done.sum() < len(done)
     with pytest.raises(UserError, match="incomplete"):
-        store.FeatureStore.open(out)
+        readers.FeatureStore.open(out)
     monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec())
     res = run(recs, out)
     assert res.computed == len(done) - done.sum()                         # only the missing rows
-    np.testing.assert_array_equal(store.FeatureStore.open(out).load_features(), ref)
+    np.testing.assert_array_equal(readers.FeatureStore.open(out).load_features(), ref)
 
 
 def test_resume_after_kill9_identical(tmp_path):
@@ -148,11 +148,11 @@ def test_resume_after_kill9_identical(tmp_path):
         sys.path.insert(0, {str(REPO / 'tests')!r})
         from pathlib import Path
         import pipeline.extraction.extract as E
-        from pipeline.extraction import backbones
+        from pipeline.extraction import backbones, writer
         from test_extract import tiny_spec, make_records
         delay = float(sys.argv[2])
         backbones.BACKBONES["tiny"] = tiny_spec(delay=delay)
-        E.FLUSH_EVERY_S = 0.0
+        writer.FLUSH_EVERY_S = 0.0
         recs = make_records(Path({str(tmp_path)!r}), n=40)
         E.extract(recs, sys.argv[1], dataset="syn", backbone="tiny", workers=1, batch_size=2, progress=False)
     """)
@@ -175,10 +175,10 @@ def test_resume_after_kill9_identical(tmp_path):
         os.killpg(p.pid, signal.SIGKILL)   # the process group: the extractor and its loader worker
     finally:
         p.wait(timeout=30)
-    done = store.FeatureStore.open(out, require_complete=False).done
+    done = readers.FeatureStore.open(out, require_complete=False).done
     assert 0 < done.sum() < len(done)
     subprocess.run([sys.executable, script, out, "0"], check=True, env=env, timeout=120)
-    a, b = store.FeatureStore.open(tmp_path / "ref.h5"), store.FeatureStore.open(out)
+    a, b = readers.FeatureStore.open(tmp_path / "ref.h5"), readers.FeatureStore.open(out)
     np.testing.assert_array_equal(a.load_features(), b.load_features())
     assert np.abs(b.load_features()).sum(axis=(1, 2)).min() > 0
 
@@ -197,7 +197,7 @@ def test_refuses_other_backbone_and_keeps_finished_file(tmp_path, tiny):
     assert run(recs, out).computed == 0                                   # finished: nothing recomputed
     assert out.stat().st_mtime_ns == before
     assert run(recs, out, backbone="tiny2", force=True).computed == 5     # --force replaces it
-    assert store.read_attrs(out)["backbone"] == "tiny2"
+    assert layout.read_attrs(out)["backbone"] == "tiny2"
 
 
 def test_changed_captions_are_refreshed_not_kept_stale(tmp_path, tiny, capsys):
@@ -206,19 +206,19 @@ def test_changed_captions_are_refreshed_not_kept_stale(tmp_path, tiny, capsys):
     recs = make_records(tmp_path, n=6)
     out = tmp_path / "f.h5"
     run(recs, out)
-    feats = store.FeatureStore.open(out).load_features()
-    old_hash = store.read_attrs(out)["captions_sha256"]
+    feats = readers.FeatureStore.open(out).load_features()
+    old_hash = layout.read_attrs(out)["captions_sha256"]
     renamed = [Record(r.image_id, r.path, r.split, [c.upper() for c in r.captions]) for r in recs]
     assert run(renamed, out).computed == 0                                # features are not recomputed
     assert "refreshed the file's captions" in capsys.readouterr().out
-    st = store.FeatureStore.open(out)
+    st = readers.FeatureStore.open(out)
     assert st.captions_of("train")[1] == [c for r in renamed if r.split == "train" for c in r.captions]
     np.testing.assert_array_equal(st.load_features(), feats)
-    assert st.provenance["captions_sha256"] == store.captions_sha256([r for r in renamed if r.split])
+    assert st.provenance["captions_sha256"] == identity.captions_sha256([r for r in renamed if r.split])
     assert st.provenance["captions_sha256"] != old_hash
     # a run made from the old captions is refused on the refreshed file
     with pytest.raises(UserError, match="captions_sha256"):
-        store.check_same_provenance(dict(st.provenance, captions_sha256=old_hash), st.provenance,
+        identity.check_same_provenance(dict(st.provenance, captions_sha256=old_hash), st.provenance,
                                     what="features", where="run")
     run(renamed, out)                                                      # now in step: nothing to say
     assert "refreshed" not in capsys.readouterr().out
@@ -231,11 +231,11 @@ def test_bad_images_error_then_skip_bad(tmp_path, tiny):
         run(recs, out)
     msg = str(e.value)
     assert "2 image(s) could not be read" in msg and "001.jpg" in msg and "006.jpg" in msg and "--skip-bad" in msg
-    done = store.FeatureStore.open(out, require_complete=False).done
+    done = readers.FeatureStore.open(out, require_complete=False).done
     assert done.sum() == len(done) - 2                                    # the good rows are kept
     res = run(recs, out, skip_bad=True)
     assert res.computed == 2 and len(res.bad) == 2
-    st = store.FeatureStore.open(out)
+    st = readers.FeatureStore.open(out)
     bad_rows = np.flatnonzero(st.bad)
     assert [st.image_ids[r] for r in bad_rows] == ["001.jpg", "006.jpg"]
     assert not np.isin(bad_rows, np.concatenate([st.rows(s) for s in ("train", "val", "test")])).any()
@@ -278,8 +278,8 @@ def test_full_disk_stops_extraction_with_one_error_and_keeps_finished_rows(tmp_p
     """The writer dies on a full disk while the queue is full: the extraction must stop with the
     writer's error (not block in put / close for ever), naming the disk, with the rows it finished."""
     import errno
-    import pipeline.extraction.extract as ex
-    real, calls = ex._write_rows, []
+    import pipeline.extraction.writer as ex
+    real, calls = ex.write_rows, []
 
     def failing(d, rows, feats):
         calls.append(len(rows))
@@ -287,25 +287,73 @@ def test_full_disk_stops_extraction_with_one_error_and_keeps_finished_rows(tmp_p
             time.sleep(1.0)              # meanwhile the main thread fills the queue
             raise OSError(errno.ENOSPC, "No space left on device")
         real(d, rows, feats)
-    monkeypatch.setattr(ex, "_write_rows", failing)
-    monkeypatch.setattr(ex._Writer, "POLL_S", 0.05)
+    monkeypatch.setattr(ex, "write_rows", failing)
+    monkeypatch.setattr(ex.Writer, "POLL_S", 0.05)
     recs = make_records(tmp_path, n=40)
     out = tmp_path / "f.h5"
     box = _in_thread(lambda: run(recs, out, batch_size=1))       # 30 batches: the queue (8) fills up
     assert isinstance(box.get("error"), UserError), box
     msg = str(box["error"])
     assert str(out) in msg and "disk is full" in msg and "MiB free" in msg
-    done = store.FeatureStore.open(out, require_complete=False).done
+    done = readers.FeatureStore.open(out, require_complete=False).done
     assert done.sum() == 2                                        # the two rows written before the failure
-    monkeypatch.setattr(ex, "_write_rows", real)
+    monkeypatch.setattr(ex, "write_rows", real)
     res = run(recs, out, batch_size=4)                            # space freed: the same command resumes
     assert res.computed == len([r for r in recs if r.split]) - 2
 
 
+@pytest.mark.slow
+def test_failed_writes_end_the_cli_with_rc_2_not_a_crash(tmp_path):
+    """A real failing write, in a subprocess through the CLI: the file may not be written past the start
+    of row 4's features (RLIMIT_FSIZE, as a full disk stops writes). The process must end with the one
+    error and rc 2, and the same command resume once writes succeed again. (HDF5 used to keep the failed
+    rows as dirty cached data, fail to close the file, and crash the interpreter at exit: rc 139.)"""
+    from conftest import make_flickr8k
+    root = make_flickr8k(tmp_path, 12, 4, 4)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, resource, signal, sys, h5py, torch
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from pipeline.cache import layout
+        from pipeline.extraction import backbones
+        from pipeline.cli import main
+
+        class Wide(torch.nn.Module):                 # 100 KB rows
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 256, 3, stride=2, padding=1)
+            def forward(self, x):
+                return self.conv(x)
+        backbones.BACKBONES["wide"] = backbones.BackboneSpec(
+            "wide", 28, (14, 14), 256, backbones.imagenet_preprocessing(28), lambda w, d: (Wide().eval(), "w0"))
+        create = layout.create
+        def create_then_limit(path, *a, **k):        # the file is made; then nothing past row 4's chunk
+            create(path, *a, **k)
+            with h5py.File(path, "r") as f:
+                limit = f["features"].id.get_chunk_info(4).byte_offset
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        if os.environ.get("LIMIT"):
+            layout.create = create_then_limit
+        main(sys.argv[1:])
+    """))
+    out = tmp_path / "f.h5"
+    cmd = [sys.executable, script, "extract", "--dataset", "flickr8k", "--root", root, "--backbone", "wide",
+           "--device", "cpu", "--workers", "0", "--batch-size", "2", "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(env, LIMIT="1"))
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert f"error: {out}: could not be written" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not readers.FeatureStore.open(out, require_complete=False).done.all()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)     # writes work again
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert readers.FeatureStore.open(out).done.all()
+
+
 def test_first_error_is_reported_not_the_writers(tmp_path, tiny, monkeypatch):
     """A crash in the main loop while the writer has failed too: the crash is what the user sees."""
-    import pipeline.extraction.extract as ex
-    monkeypatch.setattr(ex, "_write_rows", lambda d, rows, feats: (_ for _ in ()).throw(OSError("writer broke")))
+    import pipeline.extraction.writer as ex
+    monkeypatch.setattr(ex, "write_rows", lambda d, rows, feats: (_ for _ in ()).throw(OSError("writer broke")))
     monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec(fail_after=1, delay=0.2))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(make_records(tmp_path, n=10), tmp_path / "f.h5")
@@ -330,3 +378,166 @@ def test_caption_with_nul_character_is_one_clear_error(tmp_path, tiny):
     with pytest.raises(UserError, match=r"image '001\.jpg'.*NUL character"):
         run(recs, out)
     assert not out.exists() and not list(tmp_path.glob("*.creating"))
+
+
+# ---- stale features: the pictures each row was computed from (format 2) --------------------------------
+
+def _repaint(path: Path, seed: int) -> None:
+    """Another picture under the same name (and format)."""
+    with Image.open(path) as im:
+        mode, size, fmt = im.mode, im.size, im.format
+    a = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(a).convert(mode).save(path, format=fmt)
+
+
+def as_format1(path: Path) -> None:
+    """What the code before per-image picture records wrote: the same file without them, format_version 1."""
+    with h5py.File(path, "r+") as f:
+        for name in layout.PICTURE_DATASETS:
+            del f[name]
+        f.attrs["format_version"] = 1
+
+
+def test_changed_picture_is_reextracted_not_paired_with_refreshed_captions(tmp_path, tiny, capsys):
+    """An edited photo (same name) and new captions: the row is computed again from the new picture,
+    the other rows are kept, and the provenance says the pictures changed."""
+    recs = make_records(tmp_path, n=8)
+    out = tmp_path / "f.h5"
+    run(recs, out)
+    before = readers.FeatureStore.open(out)
+    old = before.load_features()
+    _repaint(recs[1].path, seed=7)
+    recaptioned = [Record(r.image_id, r.path, r.split, [c + " again" for c in r.captions]) for r in recs]
+    assert run(recaptioned, out).computed == 1                          # only the changed picture
+    out_msg = capsys.readouterr().out
+    assert "1 picture(s) changed" in out_msg and "001.jpg" in out_msg and "refreshed the file's captions" in out_msg
+    st = readers.FeatureStore.open(out)
+    fresh = readers.FeatureStore.open(run(recaptioned, tmp_path / "fresh.h5").path).load_features()
+    np.testing.assert_array_equal(st.load_features(), fresh)             # row 1 from the new picture
+    assert not np.array_equal(old[1], fresh[1]) and np.array_equal(np.delete(old, 1, 0), np.delete(fresh, 1, 0))
+    assert st.captions_of("val")[1][:2] == recaptioned[1].captions
+    assert st.provenance["images_sha256"] != before.provenance["images_sha256"]
+    with pytest.raises(UserError, match="images_sha256"):               # a run of the old pictures is refused
+        identity.check_same_provenance(before.provenance, st.provenance, what="features", where="run")
+
+
+def test_another_root_is_checked_picture_by_picture(tmp_path, tiny, capsys):
+    """--root elsewhere: other pictures under the old names are all re-extracted; an identical copy
+    (new mtimes) keeps every row and records the new root."""
+    import shutil
+    (tmp_path / "a").mkdir()
+    recs = make_records(tmp_path / "a", n=8)
+    out = tmp_path / "f.h5"
+    run(recs, out, dataset_root=tmp_path / "a")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "a", copy)                               # plain copy: new mtimes, same bytes
+    moved = [Record(r.image_id, copy / r.path.relative_to(tmp_path / "a"), r.split, r.captions) for r in recs]
+    assert run(moved, out, dataset_root=copy).computed == 0
+    assert layout.read_attrs(out)["dataset_root"] == str(copy)
+    other = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", other)
+    for r in recs:
+        _repaint(other / r.path.relative_to(tmp_path / "a"), seed=100 + int(r.image_id[:3]))
+    elsewhere = [Record(r.image_id, other / r.path.relative_to(tmp_path / "a"), r.split, r.captions) for r in recs]
+    capsys.readouterr()
+    assert run(elsewhere, out, dataset_root=other).computed == 6        # every picture with a split
+    assert "6 picture(s) changed" in capsys.readouterr().out
+    fresh = run(elsewhere, tmp_path / "fresh.h5").path
+    np.testing.assert_array_equal(readers.FeatureStore.open(out).load_features(),
+                                  readers.FeatureStore.open(fresh).load_features())
+
+
+def test_format1_cache_still_opens_and_a_caption_change_is_refused(tmp_path, tiny, capsys):
+    """A cache made before picture records (format 1, like features/flickr8k_vgg19.h5) opens and reads
+    as before; re-running extract over it notes that pictures cannot be checked, and refuses to pair
+    its features with changed captions."""
+    recs = make_records(tmp_path, n=8)
+    out = tmp_path / "f.h5"
+    run(recs, out)
+    feats = readers.FeatureStore.open(out).load_features()
+    as_format1(out)
+    st = readers.FeatureStore.open(out)
+    assert st.attrs["format_version"] == 1 and st.provenance["images_sha256"] is None
+    np.testing.assert_array_equal(st.load_features(), feats)
+    assert run(recs, out).computed == 0
+    assert "predates per-image picture records" in capsys.readouterr().out
+    recaptioned = [Record(r.image_id, r.path, r.split, [c + " again" for c in r.captions]) for r in recs]
+    with pytest.raises(UserError, match=r"captions changed.*format 1.*--force"):
+        run(recaptioned, out)
+    assert readers.FeatureStore.open(out).captions_of("train")[1][0] == recs[0].captions[0]   # untouched
+    # a run trained on the format-1 file (images_sha256 None) still accepts it once re-extracted
+    identity.check_same_provenance(st.provenance, readers.FeatureStore.open(run(recs, out, force=True).path).provenance,
+                                   what="features", where="run")
+
+
+def test_out_that_is_a_folder_is_refused_with_or_without_force(tmp_path, tiny):
+    """`extract --out DIR --force` on a folder was an IsADirectoryError traceback (issue 20)."""
+    recs = make_records(tmp_path, 3)
+    folder = tmp_path / "features"
+    (folder / "keep.txt").parent.mkdir()
+    (folder / "keep.txt").write_text("x")
+    for force in (False, True):
+        with pytest.raises(UserError, match=rf"^--out {folder}: is a folder; --out names the feature file to write, "
+                                            rf"e\.g\. --out {folder}/shapes_tiny\.h5\.$"):
+            extract(recs, folder, dataset="shapes", backbone=tiny, force=force, progress=False)
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
+def test_nan_features_are_refused_on_write_naming_the_image(tmp_path, monkeypatch):
+    """A backbone that gives NaN (broken weights, an fp16 overflow) stops the extraction with one error
+    naming the image and row; no NaN row is ever stored, and the rows finished before are kept."""
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            y = self.conv(x)
+            if self.calls == 3:
+                y[1, 0, 2, 2] = float("nan")
+            return y
+    monkeypatch.setitem(backbones.BACKBONES, "broken", backbones.BackboneSpec(
+        "broken", 28, (14, 14), 8, backbones.imagenet_preprocessing(28), lambda w, d: (Broken().eval(), "b0")))
+    recs = make_records(tmp_path, n=12)
+    out = tmp_path / "f.h5"
+    kept = [r for r in recs if r.split]
+    with pytest.raises(UserError, match=rf"{kept[5].path} \(row 5\): backbone broken gave NaN or infinite"):
+        run(recs, out, backbone="broken", batch_size=2)
+    st = readers.FeatureStore.open(out, require_complete=False)
+    assert st.done[:4].all() and not st.done[4:].any()                  # batches 1-2 kept, batch 3 not written
+    st.load_features(np.flatnonzero(st.done))                          # and they read back finite
+
+
+def test_the_lock_file_goes_after_an_extraction_without_reopening_the_race(tmp_path, tiny):
+    """Issue 22 part 4: `.<file>.lock` does not stay. Removing it must not let two processes in: one that
+    opened the old lock file before it was removed, then got its flock, holds a lock on a file nobody
+    else sees, so it must notice and lock the current one (here held by a third process: refused)."""
+    import fcntl
+    from pipeline.extraction.extract import lock_path
+    from pipeline.fileio import FileLock
+    out = tmp_path / "f.h5"
+    run(make_records(tmp_path, n=4), out)
+    assert out.exists() and not lock_path(out).exists()
+    p = tmp_path / ".g.h5.lock"
+    a = FileLock(p, "feature file g.h5", remove=True).__enter__()
+    stale = os.open(p, os.O_RDWR)                                     # process B opens the file A holds
+    a.__exit__(None, None, None)                                      # A finishes: the file is removed
+    assert not p.exists()
+    with FileLock(p, "feature file g.h5", remove=True):               # C locks a new lock file
+        b = FileLock(p, "feature file g.h5", remove=True)
+        real, calls = b._open_locked, []
+
+        def stale_first():                                            # B's flock on the old file succeeds
+            if not calls:
+                calls.append(1)
+                fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return stale
+            return real()
+        b._open_locked = stale_first
+        with pytest.raises(UserError, match="feature file g.h5 is in use by another process"):
+            b.__enter__()
+        assert calls == [1]
+    assert not p.exists()

@@ -61,7 +61,7 @@ def imports_of(path: Path) -> set[str]:
                 mod = node.module or ""
             if mod.split(".")[0] != "pipeline":
                 continue
-            for a in node.names:   # `from pipeline.cache import store` imports the module pipeline.cache.store
+            for a in node.names:   # `from pipeline.cache import readers` imports the module pipeline.cache.readers
                 sub = f"{mod}.{a.name}"
                 out.add(sub if _exists(sub) else mod)
     out.discard(me)
@@ -117,6 +117,6 @@ def test_the_checks_catch_what_they_should(tmp_path):
     """The checker itself: a cycle and an upward import in a fake graph are found."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert layer_of("pipeline.training.runs") > layer_of("pipeline.cache.store")
+    assert layer_of("pipeline.training.runs") > layer_of("pipeline.cache.readers")
     with pytest.raises(AssertionError):
         layer_of("pipeline.nowhere.thing")

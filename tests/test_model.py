@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.decoder.model import (Decoder, DecoderConfig, _AttentionScore, _attention_score_nograd,
-                            count_flops)
+from pipeline.decoder.attention import _AttentionScore, _attention_score_nograd, gumbel_locations
+from pipeline.decoder.model import Decoder, DecoderConfig, count_flops
+from pipeline.training.objectives import update_baseline, xe_loss
 
 V, C, L = 23, 12, 196
 
@@ -134,9 +135,9 @@ def test_hard_attention_trains_without_nan_and_decodes_deterministically():
     for _ in range(10):
         out = m(feats, tokens)
         assert out["sampled"].dtype == torch.bool and out["logp_s"].shape == (6, 4)
-        loss, parts = m.loss(out, tokens)
+        loss, parts = xe_loss(m, out, tokens)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
-        m.update_baseline(parts["reward_sum"], parts["reward_n"])
+        update_baseline(m, parts["reward_sum"], parts["reward_n"])
         opt.zero_grad()
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
@@ -158,7 +159,7 @@ def test_loss_decreases_on_structured_data():
     opt = torch.optim.Adam(m.parameters(), 1e-2)
     nlls = []
     for _ in range(40):
-        loss, parts = m.loss(m(feats, tokens), tokens)
+        loss, parts = xe_loss(m, m(feats, tokens), tokens)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -191,11 +192,11 @@ def test_label_smoothing_zero_is_the_plain_loss_and_eps_matches_its_definition()
     m = _model(dropout=0.0, embed_dropout=0.0, context_dropout=0.0, hidden_dropout=0.0)
     feats, tokens = _batch()
     out = m(feats, tokens)
-    plain, parts = m.loss(out, tokens)
-    same, _ = m.loss(out, tokens, label_smoothing=0.0)
+    plain, parts = xe_loss(m, out, tokens)
+    same, _ = xe_loss(m, out, tokens, label_smoothing=0.0)
     assert torch.equal(plain, same)
     eps = 0.1
-    smooth, sparts = m.loss(out, tokens, label_smoothing=eps)
+    smooth, sparts = xe_loss(m, out, tokens, label_smoothing=eps)
     logp = torch.log_softmax(out["logits"], -1)                          # (B, T, V)
     target = tokens[:, 1:]
     nll = -logp.gather(2, target[..., None]).mean()
@@ -228,9 +229,9 @@ def test_sample_shapes_masks_and_log_probs(attention):
     out = m.sample(feats, 4, max_len=6)
     toks, mask, logp = out["tokens"], out["mask"], out["logp"]
     assert toks.shape == mask.shape == logp.shape and toks.shape[0] == 12 and toks.shape[1] <= 7
-    for r in range(12):                                  # mask covers the caption up to and including <end>
+    for r in range(12):          # mask covers the caption up to and including <end>, or its first 6 words
         row = toks[r].tolist()
-        n = row.index(2) + 1 if 2 in row else len(row)
+        n = row.index(2) + 1 if 2 in row else 6
         assert mask[r].tolist() == [1.0] * n + [0.0] * (len(row) - n)
         assert all(t == 0 for t in row[n:])              # <pad> after the end
     assert (logp <= 0).all() and logp.requires_grad
@@ -239,12 +240,38 @@ def test_sample_shapes_masks_and_log_probs(attention):
         assert (out["logp_s"][~out["sampled"]] == 0).all()
     m.eval()                                             # greedy sampling = greedy decoding
     from pipeline.decoder.decode import greedy_decode
-    g = m.sample(feats, 1, max_len=6, greedy=True)["tokens"]
+    g = m.sample(feats, 1, max_len=6, greedy=True)
     want = greedy_decode(m, feats, max_len=7)[0]
     for r in range(3):
-        got = g[r].tolist()
-        got = got[:got.index(2) + 1] if 2 in got else got
-        assert got == want[r][:len(got)]
+        got = [t for t, k in zip(g["tokens"][r].tolist(), g["mask"][r].tolist()) if k]
+        assert 0 < len(got) <= 7 and got == want[r][:len(got)]
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_sample_max_len_counts_words(attention):
+    """max_len counts words: at most max_len words, then <end>. A caption that has not ended after max_len
+    words may still draw <end> (kept), but a word drawn at step max_len + 1 is not part of it (mask 0, <pad>):
+    it stops at max_len words, unended. (It used to keep that word: max_len + 1 words.)"""
+    m = _model(attention=attention).train()
+    feats, _ = _batch(B=3)
+    with torch.no_grad():
+        m.out.bias[2] = -1e4                             # <end> never drawn
+    out = m.sample(feats, 4, max_len=3)
+    assert out["tokens"].shape == (12, 4)
+    assert (out["mask"] == torch.tensor([1.0, 1.0, 1.0, 0.0])).all() and (out["tokens"][:, 3] == 0).all()
+    assert (out["tokens"][:, :3] != 2).all()
+    with torch.no_grad():                                # <end> certain: "<end>" at once, one step
+        m.out.bias[2] = 1e4
+    out = m.sample(feats, 2, max_len=3, greedy=True)
+    assert out["tokens"].tolist() == [[2]] * 6 and out["mask"].tolist() == [[1.0]] * 6
+    with torch.no_grad():                                # <end> after 3 words: kept at step 4
+        m.out.bias[2] = 1.5
+    torch.manual_seed(0)
+    out = m.sample(feats, 50, max_len=3)
+    ended = out["mask"][:, 3] == 1
+    assert ended.any() and (~ended).any()
+    assert (out["tokens"][ended, 3] == 2).all() and (out["tokens"][~ended, 3] == 0).all()
+    assert (out["mask"].sum(1) <= 4).all()
 
 
 def test_hard_decoding_contexts():
@@ -296,7 +323,7 @@ def test_hard_loss_is_eq12_term_by_term(per_word):
     sampled = torch.tensor([True, False, True, True])
     out = {"logits": logits, "alphas": torch.full((B, T, L), 1.0 / L), "logp_s": logp_s, "entropy": ent,
            "sampled": sampled}
-    loss, parts = m.loss(out, tokens)
+    loss, parts = xe_loss(m, out, tokens)
     loss.backward()
 
     lsm = torch.log_softmax(logits, -1)
@@ -317,5 +344,77 @@ def test_hard_loss_is_eq12_term_by_term(per_word):
     torch.testing.assert_close(ent.grad, g_ent)
     rewards = [sum(lsm[i, t, tokens[i, t + 1]].item() for t in range(T)) / (T if per_word else 1) for i in (0, 2, 3)]
     assert parts["reward"].item() == pytest.approx(np.mean(rewards), rel=1e-5)
-    m.update_baseline(parts["reward_sum"], parts["reward_n"])
+    update_baseline(m, parts["reward_sum"], parts["reward_n"])
     assert m.baseline.item() == pytest.approx(0.9 * b + 0.1 * np.mean(rewards), rel=1e-5)
+
+
+# ---- checkpoints of the decoder before the attention / objectives split (issue 20 part 2) -----------
+
+def test_a_state_dict_made_from_the_old_key_names_loads():
+    """The Decoder's parameters keep their names and shapes (runs resume from checkpoints of the code before
+    decoder/attention.py and the move of the loss to objectives.py): a state dict built from the old key
+    list loads strictly, in the old order, and every value lands where its name says."""
+    E, H, A = 10, 14, 9                                   # _model()'s sizes; V, C module constants
+    old = {"baseline": (), "embed.weight": (V, E), "init_hc.weight": (2 * H, C), "init_hc.bias": (2 * H,),
+           "att_a.weight": (A, C), "att_a.bias": (A,), "att_w.weight": (1, A),
+           "h_proj.weight": (A + 1 + 4 * H, H), "h_proj.bias": (A + 1 + 4 * H,), "x_proj.weight": (4 * H, E),
+           "z_proj.weight": (4 * H, C), "out_hz.weight": (E, H + C), "out_hz.bias": (E,),
+           "out.weight": (V, E), "out.bias": (V,)}
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=g) for k, shape in old.items()}
+    m = _model()
+    assert [(k, tuple(v.shape)) for k, v in m.state_dict().items()] == list(old.items())
+    m.load_state_dict(sd)                                 # strict: no key missing, none unexpected
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+    assert m.baseline.item() == sd["baseline"].item()     # hard attention's baseline travels with it
+
+
+# ---- hard attention's location samples (issue 20 part 3) ----------------------------------------
+
+def _max_gap(s: torch.Tensor, alpha: torch.Tensor) -> float:
+    """Largest |frequency of location i among the draws s - alpha_i|."""
+    return ((torch.bincount(s, minlength=len(alpha)).double() / len(s)) - alpha.double()).abs().max().item()
+
+
+GUMBEL_TOL = 0.006    # 200,000 draws: a frequency's standard deviation is <= 0.0011, so > 5 sd
+
+
+def test_gumbel_locations_follow_alpha_and_wrong_samplers_do_not():
+    """s_t ~ Multinomial(alpha_t) by Gumbel-max: 200,000 draws for one fixed alpha; every location's frequency
+    is within GUMBEL_TOL of alpha_i. The same check refuses wrong samplers (their gaps are 0.05 to 0.6):
+    the argmax, a uniform draw, Gumbel noise with the wrong sign, a tempered draw (alpha^0.8 or alpha^2),
+    uniform instead of Gumbel noise, and alpha read as logits."""
+    alpha = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    N = 200_000
+    logalpha = alpha.log().expand(N, -1).contiguous()     # (N, L): the same alpha_t for every row
+    torch.manual_seed(0)
+    s = gumbel_locations(logalpha)
+    assert s.shape == (N,) and s.dtype == torch.long
+    assert _max_gap(s, alpha) < GUMBEL_TOL
+    u = torch.rand(N, len(alpha))
+    g = -torch.log(-torch.log(u))                         # standard Gumbel
+    wrong = {"argmax": logalpha.argmax(1), "uniform": torch.randint(0, len(alpha), (N,)),
+             "minus gumbel": (logalpha - g).argmax(1), "alpha^0.8": (0.8 * logalpha + g).argmax(1),
+             "alpha^2": (2 * logalpha + g).argmax(1), "uniform noise": (logalpha + u).argmax(1),
+             "alpha as logits": (alpha + g).argmax(1)}
+    for name, w in wrong.items():
+        assert _max_gap(w, alpha) > 4 * GUMBEL_TOL, name
+
+
+def test_hard_attention_training_reads_locations_drawn_from_alpha():
+    """Through Decoder.forward in training, every caption sampling (hard_expected_prob 0): one image repeated
+    200,000 times, one step. Each caption's location, recovered from its log alpha_t[s_t], follows alpha_t."""
+    m = _model(attention="hard", hard_expected_prob=0.0)
+    with torch.no_grad():
+        m.att_w.weight.mul_(3.0)                          # alpha far from uniform: [0.09, 0.24, 0.21, 0.15, 0.07, 0.24]
+    N, Lr = 200_000, 6
+    feats = torch.randn(1, Lr, C, generator=torch.Generator().manual_seed(1)).expand(N, Lr, C)
+    tokens = torch.tensor([[1, 5]]).expand(N, 2)          # T = 1
+    torch.manual_seed(0)
+    out = m(feats, tokens)                                # with grad, as training runs (the no-grad path is decoding's)
+    alpha = out["alphas"][0, 0].detach()                           # (L,), the same for every caption
+    assert torch.equal(out["alphas"][:, 0], alpha.expand(N, Lr)) and bool(out["sampled"].all())
+    gaps = alpha.sort().values.log().diff()
+    assert alpha.max() - alpha.min() > 0.15 and gaps.min() > 0.01   # far from uniform; log alpha_i distinct
+    s = (out["logp_s"].detach()[:, 0, None] - alpha.log()).abs().argmin(1)   # (N,) the location each caption read
+    assert _max_gap(s, alpha) < GUMBEL_TOL

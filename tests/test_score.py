@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import store as st
+from pipeline.cache import layout, readers
 from pipeline.errors import UserError
 from pipeline.data.records import Record
+from pipeline.training import runs
 from pipeline.training.runs import latest_run, open_run_features
 from pipeline.inference.score import ScoreConfig, attention_accuracy, cell_overlap, coco_id, score_split
 from pipeline.data.text import Vocab
@@ -48,7 +49,7 @@ class Scripted(torch.nn.Module):
         return torch.log_softmax(logits, 1), alpha, (t + 1, idx)
 
 
-def make_store(path: Path, caps_test: bool = True) -> st.FeatureStore:
+def make_store(path: Path, caps_test: bool = True) -> readers.FeatureStore:
     recs = [
         Record("0", Path("0.png"), "val", ["A red circle.", "a red circle", "red circle on a square"],
                [{"color": "red", "shape": "circle", "box": TL}, {"color": "blue", "shape": "square", "box": BR}]),
@@ -57,13 +58,13 @@ def make_store(path: Path, caps_test: bool = True) -> st.FeatureStore:
         Record("2", Path("2.png"), "test", ["a blue square"] if caps_test else [],
                [{"color": "blue", "shape": "square", "box": BR}]),
     ]
-    st.create(path, recs, PROV, num_regions=196, feature_dim=4, dtype="float32")
+    layout.create(path, recs, PROV, num_regions=196, feature_dim=4, dtype="float32")
     with h5py.File(path, "r+") as f:
         x = np.zeros((3, 196, 4), np.float32)
         x[:, 0, 0] = np.arange(3)
         f["features"][...] = x
         f["done"][...] = True
-    return st.FeatureStore.open(path)
+    return readers.FeatureStore.open(path)
 
 
 # cell 0 = top-left corner (inside TL); cell 195 = bottom-right corner (inside BR)
@@ -95,14 +96,14 @@ def test_cell_overlap_and_attention_accuracy():
     assert res.ambiguous == 1 and res.mass_in_box == 1.0 and res.chance_mass == pytest.approx(0.375)
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer/METEOR need java")
+@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer/METEOR need java: apt-get install default-jre-headless")
 def test_score_split_end_to_end(tmp_path):
     store = make_store(tmp_path / "f.h5")
-    scores = score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run",
-                         ScoreConfig(split="val", beam=2, progress=False), log=lambda *a: None)
-    res = json.loads((tmp_path / "run" / "results_val.json").read_text())
+    cfg = ScoreConfig(split="val", beam=2, progress=False)
+    scores = score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run", cfg, log=lambda *a: None)
+    res = json.loads(runs.results_path(tmp_path / "run", "val", cfg).read_text())
     assert res == [{"image_id": 0, "caption": "a red circle"}, {"image_id": 1, "caption": "a blue square and"}]
-    saved = json.loads((tmp_path / "run" / "scores_val.json").read_text())
+    saved = json.loads(runs.scores_path(tmp_path / "run", "val", cfg).read_text())
     assert saved["num_scored"] == 2 and saved["split_size"] == 2
     m = saved["metrics"]
     assert set(m) >= {"Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
@@ -115,10 +116,10 @@ def test_score_split_end_to_end(tmp_path):
 def test_split_without_references(tmp_path):
     store = make_store(tmp_path / "f.h5", caps_test=False)
     lines = []
-    scores = score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run",
-                         ScoreConfig(split="test", beam=1, progress=False), log=lines.append)
+    cfg = ScoreConfig(split="test", beam=1, progress=False)
+    scores = score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run", cfg, log=lines.append)
     assert scores["num_scored"] == 0 and any("no reference captions" in l for l in lines)
-    assert json.loads((tmp_path / "run" / "results_test.json").read_text()) == \
+    assert json.loads(runs.results_path(tmp_path / "run", "test", cfg).read_text()) == \
         [{"image_id": 2, "caption": "a red square"}]
     with pytest.raises(UserError, match="has no images"):
         score_split(Scripted(SCRIPTS), VOCAB, store, tmp_path / "run", ScoreConfig(split="train"))
@@ -197,8 +198,8 @@ def test_ensemble_mixes_backbones_of_the_same_images_and_refuses_other_data(tiny
     lines = []
     scores = run_score([tiny_runs["a1"], tiny_runs["b"]], cfg, log=lines.append)
     out = tiny_runs["a1"].parent / "ensemble_a1+b"
-    assert scores["runs"] == [str(tiny_runs["a1"]), str(tiny_runs["b"])] and (out / "scores_val.json").exists()
-    assert json.loads((out / "results_val.json").read_text())[0]["image_id"] == "img00016"
+    assert scores["runs"] == [str(tiny_runs["a1"]), str(tiny_runs["b"])] and runs.scores_path(out, "val", cfg).exists()
+    assert json.loads(runs.results_path(out, "val", cfg).read_text())[0]["image_id"] == "img00016"
 
 
 def test_ensemble_refuses_other_vocabularies(tiny_runs, monkeypatch):
@@ -209,3 +210,78 @@ def test_ensemble_refuses_other_vocabularies(tiny_runs, monkeypatch):
     other.vocab = Vocab(other.vocab.itos[4:] + ["extra"])
     with pytest.raises(UserError, match="vocabularies differ"):
         decode_split([a1, other], "val", ScoreConfig(progress=False))
+
+
+# ---- files per decoding, and the faults of `pipeline score` (issue 20) -------------------------------
+
+def test_files_are_named_by_every_setting_that_changes_the_captions():
+    from dataclasses import fields
+    assert {f.name for f in fields(ScoreConfig)} == {f for f, *_ in runs.DECODING} | set(runs.NOT_DECODING), \
+        "a ScoreConfig field must join runs.DECODING (it changes captions) or runs.NOT_DECODING"
+    today = dict(beam=3, length_norm=0.7, max_len=0, block_trigrams=True, suppress_unk=True, remove_bad_endings=False,
+                 hard_context="expected")
+    assert runs.decoding_name(ScoreConfig(**today)) == runs.decoding_name(today) == "beam3_ln0.7"
+    assert runs.decoding_name(dict(today, beam=5, length_norm=0.0, max_len=30, remove_bad_endings=True,
+                                   block_trigrams=False, hard_context="argmax")) == \
+        "beam5_ln0_len30_noblocktri_rmbadend_ctxargmax"
+    # a scores file from before a setting existed decoded without it: no length norm, 20 words, nothing masked
+    assert runs.decoding_name({"beam": 1}) == "beam1_ln0_len20_noblocktri_nomaskunk"
+    assert runs.results_path(Path("r"), "val", today) == Path("r/results_val.beam3_ln0.7.json")
+
+
+def test_two_decodings_keep_two_pairs_of_files(tmp_path):
+    """`pipeline score` overwrote results_<split>.json / scores_<split>.json whatever the beam or length norm."""
+    store = make_store(tmp_path / "f.h5", caps_test=False)
+    run = tmp_path / "run"
+    cfgs = [ScoreConfig(split="test", beam=1, length_norm=0.0, max_len=20, progress=False),
+            ScoreConfig(split="test", beam=2, length_norm=0.7, max_len=20, progress=False)]
+    for cfg in cfgs:
+        score_split(Scripted(SCRIPTS), VOCAB, store, run, cfg, log=lambda *a: None)
+    names = [runs.decoding_name(c) for c in cfgs]
+    assert names[0].startswith("beam1_ln0") and names[1].startswith("beam2_ln0.7") and names[0] != names[1]
+    assert sorted(p.name for p in run.iterdir()) == sorted(f"{kind}_test.{n}.json" for kind in ("results", "scores")
+                                                          for n in names)
+    found = runs.scored_decodings(run)
+    assert [(sp, n, s["beam"], s["length_norm"]) for sp, n, s, _ in found] == \
+        [("test", names[0], 1, 0.0), ("test", names[1], 2, 0.7)]
+    assert runs.find_results(run, "test", cfgs[1]) == runs.results_path(run, "test", cfgs[1])
+    assert runs.read_results(runs.find_results(run, "test", cfgs[0])) == {"2": "a red square"}
+
+
+def test_results_of_a_run_scored_before_the_names_are_found(tmp_path):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "results_val.json").write_text(json.dumps([{"image_id": 7, "caption": "a dog"}]))
+    (run / "scores_val.json").write_text(json.dumps({"beam": 3, "length_norm": 0.0, "metrics": {"Bleu_4": 0.2}}))
+    assert [(sp, n) for sp, n, _, _ in runs.scored_decodings(run)] == [("val", "beam3_ln0_len20_noblocktri_nomaskunk")]
+    assert runs.find_results(run, "val", {"beam": 3, "length_norm": 0.0}) == run / "results_val.json"
+    assert runs.find_results(run, "val", {"beam": 5, "length_norm": 0.0}) is None
+    assert runs.read_results(run / "results_val.json") == {"7": "a dog"}
+
+
+def test_results_are_written_atomically(tmp_path):
+    """score wrote results without the atomic writer: a full disk left a truncated `.tmp` and a traceback."""
+    import resource
+    import signal
+    from pipeline.inference.score import write_results
+    out = tmp_path / "results_val.beam3_ln0.json"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))        # files stop growing at 64 bytes, as on a full disk
+    try:
+        with pytest.raises(UserError, match=r"results_val\.beam3_ln0\.json: could not be written"):
+            write_results(out, [str(i) for i in range(50)], ["a red circle"] * 50)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_score_refuses_a_run_given_twice(tiny_runs):
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    a1 = tiny_runs["a1"]
+    res = CliRunner().invoke(main, ["score", "--run", str(a1), "--run", str(tiny_runs["b"]), "--run", f"{a1}/../a1"])
+    assert res.exit_code == 2, res.output
+    assert res.output == f"error: --run {a1}/../a1: given twice (as --run {a1}); an ensemble of a run with itself is " \
+                         f"that run. Give each run once.\n"

@@ -15,6 +15,7 @@ from pipeline.training import runs
 from pipeline.inference.caption import attention_paths, words_and_maps
 from pipeline.cli import main
 from pipeline.decoder.decode import Hypothesis
+from pipeline.errors import UserError
 from pipeline.reporting.viz import attention_figure, upsample_alpha
 
 from test_score import PROV, SCRIPTS, VOCAB, Scripted, make_store
@@ -51,10 +52,14 @@ def test_upsample_and_attention_figure(tmp_path):
 def test_words_and_maps_and_paths():
     h = Hypothesis([VOCAB.stoi["a"], VOCAB.unk, VOCAB.stoi["red"], VOCAB.end], torch.eye(4, 196), -1.0)
     words, maps = words_and_maps(h, VOCAB)
-    assert words == ["a", "red"] and maps.shape == (2, 196) and maps[1, 2] == 1
+    # <unk> (emitted only with --no-suppress-unk) stays visible, with its own map: no caption loses a word silently
+    assert words == ["a", "<unk>", "red"] and maps.shape == (3, 196) and maps[2, 2] == 1
     assert attention_paths("o/att.png", ["x/a.jpg"]) == [__import__("pathlib").Path("o/att.png")]
     assert [p.name for p in attention_paths("o/att.png", ["x/a.jpg", "y/b.jpg", "z/b.jpg"])] == \
         ["att_a.png", "att_b_1.png", "att_b_2.png"]
+
+
+LEGACY_NAME = "beam3_ln0_len20_noblocktri_nomaskunk"   # what a scores_val.json of before the names decoded
 
 
 def test_report_and_curves(tmp_path, monkeypatch):
@@ -65,7 +70,7 @@ def test_report_and_curves(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["report", "--curves"])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "runs" / "report.md").read_text()
-    assert "| r1 | shapes | vgg19 | soft | 3 | 60.00 | 20.00 |" in md and "| r2 |" in md
+    assert f"| r1 | shapes | vgg19 | soft | {LEGACY_NAME} | 60.00 | 20.00 |" in md and "| r2 | shapes | vgg19 | soft |  |" in md
     assert "| 3 | 3.0 |" in md   # epochs, minutes (3 x 60 s)
     assert "| r3 | flickr8k | vgg19+efficientnet_lite2 | hard |" in md
     assert (tmp_path / "runs" / "report.png").exists() and (tmp_path / "runs" / "r1" / "curves.png").exists()
@@ -77,6 +82,24 @@ def test_report_and_curves(tmp_path, monkeypatch):
     assert "val SPICE" in md and "| 13.10 |" in md
     res = CliRunner().invoke(main, ["report", "nope"])
     assert res.exit_code == 2 and "not a directory" in res.output
+
+
+def test_report_has_a_row_per_decoding(tmp_path):
+    """`pipeline score` names its files by decoding (issue 20): report shows each decoding of a run, and the
+    scores_val.json of a run scored before that, named by the settings it records."""
+    from pipeline.reporting.report import make_report
+    r1 = _fake_run(tmp_path, "r1", 0.2)
+    new = {"beam": 3, "length_norm": 0.7, "max_len": 0, "block_trigrams": True, "suppress_unk": True,
+           "remove_bad_endings": False, "hard_context": "expected"}
+    (r1 / "scores_val.beam3_ln0.7.json").write_text(json.dumps(dict(new, metrics={"Bleu_1": 0.7, "Bleu_4": 0.3})))
+    (r1 / "scores_test.beam3_ln0.7.json").write_text(json.dumps(dict(new, metrics={"Bleu_1": 0.65, "Bleu_4": 0.28})))
+    (r1 / "scores_val.beam5_ln0.7.json").write_text(json.dumps(dict(new, beam=5, metrics={"Bleu_4": 0.31})))
+    rows = make_report([r1], tmp_path / "report.md", log=lambda *a: None)["rows"]
+    assert [(r["decoding"], r["val"].get("Bleu_4"), r["test"].get("Bleu_4")) for r in rows] == [
+        ("beam3_ln0.7", 0.3, 0.28), (LEGACY_NAME, 0.2, None), ("beam5_ln0.7", 0.31, None)]
+    md = (tmp_path / "report.md").read_text()
+    assert "| run | dataset | backbone | attention | decoding | val Bleu-1 | val Bleu-4 |" in md
+    assert "| r1 | shapes | vgg19 | soft | beam3_ln0.7 | 70.00 | 30.00 |" in md
 
 
 def _patch_run(monkeypatch, tmp_path):
@@ -92,14 +115,22 @@ def _patch_run(monkeypatch, tmp_path):
     return run
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer/METEOR need java")
+@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer/METEOR need java: apt-get install default-jre-headless")
 def test_cli_score(tmp_path, monkeypatch):
     run = _patch_run(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(main, ["score", "--split", "val", "--beam", "3", "--device", "cpu"])
+    res = CliRunner().invoke(main, ["score", "--split", "val", "--beam", "3", "--max-len", "20", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "Bleu_4" in res.output and "attention accuracy" in res.output and "SPICE" in res.output
-    assert json.loads((run / "scores_val.json").read_text())["run"] == str(run.relative_to(tmp_path))
+    (path,) = run.glob("scores_val.*.json")
+    saved = json.loads(path.read_text())
+    assert path.name == f"scores_val.{runs.decoding_name(saved)}.json" and saved["beam"] == 3 and saved["max_len"] == 20
+    assert saved["run"] == str(run.relative_to(tmp_path))
+    # the figures printed are the ones saved; SPICE (its jars are absent here: conftest) is skipped, saying so
+    m = saved["metrics"]
+    assert sorted(m) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr", "METEOR", "ROUGE_L"]
+    assert f"  Bleu_4   {100 * m['Bleu_4']:6.2f}" in res.output and f"  CIDEr    {100 * m['CIDEr']:6.2f}" in res.output
+    assert saved["skipped"] == ["SPICE (jars missing: make spice)"]
+    assert saved["attention"]["words"] == 4 and saved["attention"]["mass_in_box"] == pytest.approx(0.75)
     res = CliRunner().invoke(main, ["score", "--split", "val", "--features", "missing.h5"])
     assert res.exit_code == 2 and "missing.h5" in res.output
 
@@ -128,3 +159,68 @@ def test_cli_caption_with_attention(tmp_path, monkeypatch):
     assert (tmp_path / "att_im0.png").exists() and (tmp_path / "att_im1.png").exists()
     res = CliRunner().invoke(main, ["caption", str(tmp_path / "nope.jpg"), "--run", str(run)])
     assert res.exit_code == 2 and "no such image" in res.output
+
+
+# ---- browse: its options and the results files of `pipeline score` (issue 20) --------------------------
+
+def _index(site):
+    text = (site / "data" / "index.js").read_text()
+    return json.loads(text[len("BROWSE.index("):-len(");\n")])
+
+
+def test_browse_reads_the_results_file_of_its_decoding(tmp_path, monkeypatch):
+    import pipeline.inference.score as score_mod
+    monkeypatch.setattr(score_mod, "java_available", lambda: False)   # the Python tokenizer: no JVM to start
+    run = _patch_run(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    opts = ["--split", "val", "--beam", "2", "--max-len", "20", "--device", "cpu"]
+    res = CliRunner().invoke(main, ["browse", "--run", str(run), "--out", "site", *opts])
+    assert res.exit_code == 0, res.output
+    info = _index(tmp_path / "site")["runs"][0]["info"]
+    assert info["results_file"] is None and info["decoding"] == runs.decoding_name(config_of(opts))
+    assert CliRunner().invoke(main, ["score", "--run", str(run), *opts]).exit_code == 0
+    scored = runs.results_path(run, "val", config_of(opts))
+    assert CliRunner().invoke(main, ["browse", "--run", str(run), "--out", "site", *opts]).exit_code == 0
+    ix = _index(tmp_path / "site")
+    assert ix["runs"][0]["info"]["results_file"] == str(scored) and not any("differ" in n for n in ix["notes"])
+    scored.write_text(json.dumps([{"image_id": 0, "caption": "a blue circle"}, {"image_id": 1, "caption": "x"}]))
+    assert CliRunner().invoke(main, ["browse", "--run", str(run), "--out", "site", *opts]).exit_code == 0
+    assert f"toy: 2 of 2 captions differ from {scored}, which `pipeline score` wrote with the same decoding " \
+           f"(from another checkpoint?)." in _index(tmp_path / "site")["notes"]
+
+
+def config_of(opts):
+    from pipeline.config import ScoreConfig
+    return ScoreConfig(split="val", beam=int(opts[3]), max_len=int(opts[5]), device="cpu")
+
+
+def test_browse_refuses_several_runs_and_an_images_folder_that_holds_none(tmp_path, monkeypatch):
+    """`browse --run A --run B` silently browsed B; --images wanted the dataset root but said 'folder holding
+    the images', and a wrong folder gave a site of gray placeholders."""
+    run = _patch_run(monkeypatch, tmp_path)
+    res = CliRunner().invoke(main, ["browse", "--run", str(run), "--run", str(tmp_path / "other")])
+    assert res.exit_code == 2 and res.output.startswith("error: --run given 2 times: browse shows one run (or two: "
+                                                        "--run A --compare B).")
+    assert f"pipeline score --run {run} --run {tmp_path / 'other'}" in res.output
+    (tmp_path / "data" / "images").mkdir(parents=True)        # the cache's paths are 0.png, 1.png: relative to data/images
+    res = CliRunner().invoke(main, ["browse", "--run", str(run), "--images", str(tmp_path / "data"), "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.startswith(
+        f"error: --images {tmp_path / 'data'}: none of the split's images is under it (e.g. {tmp_path / 'data'}/0.png)")
+    assert "the dataset folder given to extract --root" in res.output and "dataset folder" in \
+        CliRunner().invoke(main, ["browse", "--help"]).output.split("--images")[1]
+
+
+def test_browse_disk_full_is_one_error(tmp_path, monkeypatch):
+    """write_site called runs.disk_error, which does not exist: a full disk was an AttributeError."""
+    import errno
+    from pipeline.reporting import browse as browse_mod
+    from pipeline.reporting.browse import RunResult, SiteData, write_site
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(browse_mod, "_write", full)
+    data = SiteData("t", "val", ["0"], [None], [["a red circle"]],
+                    [RunResult("r", [["a"]], [np.zeros((1, 196), np.float32)], [None])])
+    with pytest.raises(UserError, match=r"site: could not be written \(the disk is full"):
+        write_site(data, tmp_path / "site")
+    assert list(tmp_path.iterdir()) == []

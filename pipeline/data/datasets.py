@@ -78,6 +78,24 @@ def _check_images_exist(records: list[Record], where: dict[str, str], images_dir
                         f"e.g. {shown}. Put the image files in {images_dir}, or pass --root to the dataset directory.")
 
 
+def _check_inside(records: list[Record], where: dict[str, str], images_dir: Path) -> None:
+    """One error naming the entries whose image lies outside the image folder: a name with `..`, an
+    absolute path, or a symbolic link leading out. Extraction would read such a file and the results
+    browser copy it into its thumbnails, so every reader refuses them here."""
+    base = Path(os.path.abspath(images_dir))
+    real = base.resolve()
+    outside = []
+    for r in records:
+        p = Path(os.path.abspath(r.path))                 # `..` collapsed, an absolute entry kept as is
+        if not p.is_relative_to(base) or not p.resolve().is_relative_to(real):
+            outside.append(r)
+    if outside:
+        shown = ", ".join(f"{r.image_id!r} ({where.get(r.image_id, '?')})" for r in outside[:MAX_LISTED])
+        raise UserError(f"{images_dir}: {len(outside)} image entr{'y points' if len(outside) == 1 else 'ies point'} "
+                        f"outside this folder (a '..' or absolute path, or a symbolic link leading out), e.g. "
+                        f"{shown}. Put the images inside {images_dir} and list them by their name there.")
+
+
 def _warn_empty(path: Path, n_empty: int, example: str) -> None:
     if n_empty:
         log.warning("%s: skipped %d empty caption(s) (first at %s).", path, n_empty, example)
@@ -154,6 +172,7 @@ def read_flickr8k(root: Path, *, captions_file: str = "Flickr8k.token.txt", imag
     image_dir = root / images_dir
     records = [Record(image_id=name, path=image_dir / name, split=split_of[name], captions=captions[name])
                for name in order]
+    _check_inside(records, where, image_dir)
     if check_images:
         _check_images_exist(records, where, image_dir)
     return records
@@ -202,6 +221,9 @@ def read_karpathy(root: Path, *, json_name: str, images_dir: str = "images", res
                 n_empty, first_empty = n_empty + 1, first_empty or f"images[{i}].sentences[{j}]"
                 continue
             captions.append(raw.strip())
+        if not isinstance(entry.get("filepath", ""), str):
+            raise UserError(f"{path}: images[{i}] ({entry['filename']}) has a 'filepath' that is not a string "
+                            f"({entry['filepath']!r}); it names the folder of the image under {image_dir}.")
         image_path = image_dir / entry.get("filepath", "") / entry["filename"]
         objects = _objects_of(entry, path, i) if with_objects else None
         records.append(Record(image_id=entry["filename"], path=image_path, split=split,
@@ -212,6 +234,7 @@ def read_karpathy(root: Path, *, json_name: str, images_dir: str = "images", res
         where[entry["filename"]] = at
 
     _warn_empty(path, n_empty, first_empty)
+    _check_inside(records, where, image_dir)
     if check_images:
         _check_images_exist(records, where, image_dir)
     return records

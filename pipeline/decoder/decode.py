@@ -11,9 +11,13 @@ A model whose class sets `ctx_per_image = True` (model.Decoder) also accepts ctx
 image while state has K rows per image (beam search's B*K hypotheses): beam search then never
 copies ctx K times (a K-fold copy of the 2 x 100 x 196 x 512 floats of a batch costs about two steps).
 
+`max_len` counts WORDS (<end> not counted), as training's caption filter and Decoder.sample do: at
+most max_len + 1 steps run, and step max_len + 1 may only end the caption. `rules` (rules.Rules, from
+config.DecodingRules) masks tokens at each step: <unk>, repeated trigrams, <end> after a function word.
+
 Conventions of the returned hypotheses:
-  * `tokens` never holds <start>; it ends with <end> when the hypothesis ended, and has no <end>
-    when it hit `max_len` first (max-length fallback);
+  * `tokens` never holds <start>; it ends with <end> when the hypothesis ended (`ended`), and has
+    max_len words and no <end> when no caption of its image finished (max-length fallback);
   * `alphas` is (T, L) with one attention map per token of `tokens` (the map used to predict it);
   * `score` is the sum of token log-probabilities, divided by len(tokens) ** length_norm when
     length normalisation is on.
@@ -28,9 +32,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.text import Vocab
+from pipeline.decoder.rules import Rules
 
 START, END, PAD = Vocab.start, Vocab.end, Vocab.pad
 COMPACT_FRACTION = 0.25   # drop finished images' rows once they are this fraction of the batch
+_UNSET = object()          # the step masks are made at the first step (V is known then)
 
 
 class Hypothesis(NamedTuple):
@@ -92,28 +98,37 @@ class _eval_mode:
 
 
 # -- greedy ---------------------------------------------------------------------------------------
-def greedy_decode(model, feats: torch.Tensor, max_len: int = 20, *, start_id: int = START,
-                  end_id: int = END) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Arg-max decoding. feats (B,L,C) -> (tokens per image, alphas (T,L) per image)."""
+def greedy_decode(model, feats: torch.Tensor, max_len: int = 20, *, rules: Rules | None = None,
+                  start_id: int = START, end_id: int = END) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Arg-max decoding of at most `max_len` words. feats (B,L,C) -> (tokens per image, alphas (T,L) per image).
+
+    At most max_len + 1 steps: step max_len + 1 may only end the caption; when its arg-max is a word
+    instead, the caption stops at max_len words without <end> (unfinished)."""
     x = first_tensor(feats)
     B, dev = x.size(0), x.device
     with _eval_mode(model), torch.inference_mode():
         state, ctx = model.init_state(feats)
         prev = torch.full((B,), start_id, dtype=torch.long, device=dev)
+        hist = torch.full((B, max_len + 1), PAD, dtype=torch.long, device=dev)     # (B, T) tokens so far
         ended = torch.zeros(B, dtype=torch.bool, device=dev)
-        lengths = torch.full((B,), max_len, dtype=torch.long, device=dev)
-        toks, alps = [], []
-        for t in range(max_len):
+        lengths = torch.full((B,), max_len, dtype=torch.long, device=dev)        # unfinished: max_len words
+        alps, masks = [], _UNSET
+        for t in range(max_len + 1):
             logp, alpha, state = model.step(prev, state, ctx)      # (B,V), (B,L)
+            logp = logp.float()
+            if masks is _UNSET:
+                masks = (rules or Rules()).masks(logp.size(1), dev)
+            if masks is not None:
+                masks(logp, hist[:, :t], prev)
             prev = logp.argmax(1)                                    # (B,)
-            toks.append(prev)
+            hist[:, t] = prev
             alps.append(alpha.float())
             new_end = (prev == end_id) & ~ended
             lengths[new_end] = t + 1
             ended |= new_end
             if bool(ended.all()):
                 break
-        tokens = torch.stack(toks, 1).cpu()                          # (B,T)
+        tokens = hist[:, :len(alps)].cpu()                           # (B,T)
         alphas = torch.stack(alps, 1).cpu()                          # (B,T,L)
         lengths = lengths.clamp(max=tokens.size(1)).cpu()
     n = lengths.tolist()
@@ -121,123 +136,221 @@ def greedy_decode(model, feats: torch.Tensor, max_len: int = 20, *, start_id: in
 
 
 # -- beam search ----------------------------------------------------------------------------------
-def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
-                length_norm: float | None = None, *, start_id: int = START, end_id: int = END,
-                pad_id: int = PAD) -> list[Hypothesis]:
-    """Batched beam search: all images of `feats` (B,L,C) at once, B*K hypotheses on dim 0.
+class _Beams:
+    """The live hypotheses: n images x w rows (row b*w + k), all with the same m words so far.
 
-    Hypothesis row b*K + k is beam k of image b. A hypothesis that emitted <end> keeps its slot
-    and score (it may only continue with <pad> at zero cost), so live and ended hypotheses compete
-    in one top-k over (B, K*V). An image is finished once its K hypotheses all ended, or (without
-    length normalisation, where extending can only lower a score) once its best ended hypothesis
-    beats every live one; finished images leave the batch (in groups, see COMPACT_FRACTION) so
-    later steps get cheaper. Ended hypotheses are preferred; an image with none after `max_len`
-    steps falls back to its best live one.
+    state: the model's state (a pytree, R = n*w rows); tokens (R, m); alphas (R, m, L); scores (R,) the
+    sums of log-probabilities (-inf: an empty slot)."""
+
+    __slots__ = ("state", "tokens", "alphas", "scores")
+
+    def __init__(self, state, tokens: torch.Tensor, alphas: torch.Tensor, scores: torch.Tensor):
+        self.state, self.tokens, self.alphas, self.scores = state, tokens, alphas, scores
+
+    def select(self, rows: torch.Tensor) -> "_Beams":
+        """Every per-hypothesis tensor re-indexed: rows = the parents of the next hypotheses, or the
+        hypotheses kept when finished images leave the batch."""
+        R = self.scores.size(0)
+        return _Beams(select_rows(self.state, rows, R), self.tokens[rows], self.alphas[rows], self.scores[rows])
+
+    def grow(self, words: torch.Tensor, alpha: torch.Tensor, scores: torch.Tensor) -> "_Beams":
+        """Append one word (R,) and the attention map it was predicted with (R, L); new scores (R,)."""
+        self.tokens = torch.cat([self.tokens, words[:, None]], 1)
+        self.alphas = torch.cat([self.alphas, alpha[:, None]], 1)
+        self.scores = scores
+        return self
+
+    def prev(self, start_id: int) -> torch.Tensor:
+        if self.tokens.size(1):
+            return self.tokens[:, -1]
+        return torch.full_like(self.scores, start_id, dtype=torch.long)
+
+
+class _Finished:
+    """Per image: its best finished hypothesis so far (ranking score, tokens with <end>, alphas, length)
+    and how many finished ones it has. Updated on the device every step (no host sync)."""
+
+    def __init__(self, n: int, T: int, L: int, dev):
+        self.score = torch.full((n,), -math.inf, device=dev)
+        self.tokens = torch.full((n, T), PAD, dtype=torch.long, device=dev)
+        self.alphas = torch.zeros(n, T, L, device=dev)
+        self.length = torch.zeros(n, dtype=torch.long, device=dev)
+        self.count = torch.zeros(n, dtype=torch.long, device=dev)
+
+    def add(self, final: torch.Tensor, stored: torch.Tensor, beams: _Beams, alpha: torch.Tensor, end_id: int):
+        """final (n, w): ranking score of each row's <end> candidate (-inf: not stored); stored (n, w)."""
+        n, w = final.shape
+        m = beams.tokens.size(1)
+        best, k = final.max(1)                                          # (n,)
+        better = best > self.score
+        rows = torch.arange(n, device=k.device) * w + k
+        b1, b2 = better[:, None], better[:, None, None]
+        self.tokens[:, :m] = torch.where(b1, beams.tokens[rows], self.tokens[:, :m])
+        self.tokens[:, m] = torch.where(better, end_id, self.tokens[:, m])
+        self.alphas[:, :m] = torch.where(b2, beams.alphas[rows], self.alphas[:, :m])
+        self.alphas[:, m] = torch.where(b1, alpha[rows], self.alphas[:, m])
+        self.length = torch.where(better, m + 1, self.length)
+        self.score = torch.where(better, best, self.score)
+        self.count += stored.sum(1)
+
+    def select(self, images: torch.Tensor) -> "_Finished":
+        for k in ("score", "tokens", "alphas", "length", "count"):
+            setattr(self, k, getattr(self, k)[images])
+        return self
+
+
+def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
+                length_norm: float | None = None, *, rules: Rules | None = None, start_id: int = START,
+                end_id: int = END, all_beams: bool = False) -> list[Hypothesis]:
+    """Batched beam search: all images of `feats` (B,L,C) at once, captions of at most `max_len` words.
+
+    Each image keeps K = `beam` live hypotheses (rows b*K + k). At every step the candidates are
+    (live hypothesis, token); an <end> candidate that ranks among the image's K best candidates is a
+    finished caption: it LEAVES the beam (stored with its ranking score), and the beam keeps the K best
+    word candidates, so finished captions of every length compete on their final (length-normalised)
+    scores. `length_norm` X ranks finished captions by sum log p / len**X, len counting <end>.
+    An image is done when its best finished caption outranks anything its live hypotheses can still
+    become (sum log p only falls as a caption grows: the bound is live / (max_len + 1)**X; exact), or
+    when it has K finished captions and the best one outranks the live ones' raw sum log p (without
+    length norm the same test), or after step max_len + 1, which may only end a caption. A
+    hypothesis that never ended wins only when no caption of its image finished (Hypothesis.ended
+    False, max_len words). With beam 1 this is exactly greedy_decode. `rules` (rules.Rules): the
+    tokens masked at each step (<unk>, repeated trigrams, <end> after a function word).
+    Done images leave the batch (in groups, see COMPACT_FRACTION) so later steps get cheaper.
+    all_beams: each image gets a list of its K final hypotheses instead, best first (see _collect_all).
     """
-    if beam < 1:
-        raise ValueError(f"beam must be >= 1, got {beam}")
-    length_norm = length_norm or None       # 0: rank by the raw log-probability, as None
+    if beam < 1 or max_len < 1:
+        raise ValueError(f"beam and max_len must be >= 1, got beam {beam}, max_len {max_len}")
+    X = float(length_norm or 0.0)
     x = first_tensor(feats)
     B, K, dev = x.size(0), beam, x.device
     results: list[Hypothesis | None] = [None] * B
+    per_image = bool(getattr(model, "ctx_per_image", False))
     with _eval_mode(model), torch.inference_mode():
         state, ctx = model.init_state(feats)
-        # t = 0: the K beams of an image would all be identical, so step the B images once and
-        # expand to B*K rows from the top-K first words.
-        prev = torch.full((B,), start_id, dtype=torch.long, device=dev)
-        logp, alpha, state = model.step(prev, state, ctx)              # (B,V), (B,L)
-        scores, word = logp.float().topk(min(K, logp.size(1)), dim=1)   # (B, K)
-        if word.size(1) < K:   # beam wider than the vocabulary: pad with impossible hypotheses
-            extra = K - word.size(1)
-            scores = torch.cat([scores, scores.new_full((B, extra), -math.inf)], 1)
-            word = torch.cat([word, word.new_full((B, extra), pad_id)], 1)
-        rep = torch.arange(B, device=dev).repeat_interleave(K)          # (B*K,) image of each row
-        # ctx is per image, hence the same for all beams of an image: never reordered per step, only
-        # re-selected when finished images leave the batch. Models that take it per image
-        # (ctx_per_image) keep one row per image; for the others it is expanded to B*K rows once here.
-        per_image = bool(getattr(model, "ctx_per_image", False))
-        state = select_rows(state, rep, B)
-        if not per_image:
-            ctx = select_rows(ctx, rep, B)
-        prev = word.view(-1)                                            # (B*K,)
-        tokens = prev[:, None].clone()                                  # (n*K, t)
-        alphas = alpha.float().index_select(0, rep)[:, None]            # (n*K, t, L)
-        ended = prev == end_id                                          # (n*K,)
-        lengths = torch.ones(B * K, dtype=torch.long, device=dev)      # tokens up to <end>
-        images = torch.arange(B)                                        # (n,) original index, CPU
-        collected = torch.zeros(B, dtype=torch.bool, device=dev)       # (n,) result already stored
-        for t in range(1, max_len + 1):
+        beams = _Beams(state, torch.zeros(B, 0, dtype=torch.long, device=dev), None, torch.zeros(B, device=dev))
+        fin, masks, w = None, _UNSET, 1                                     # w: rows per image (1 at t = 1)
+        images = torch.arange(B)                                            # (n,) original index, CPU
+        collected = torch.zeros(B, dtype=torch.bool, device=dev)           # (n,) result already stored
+        for t in range(1, max_len + 2):                                     # t: tokens of a candidate
             n = images.numel()
-            # -- finished images: store their best hypothesis, drop their rows -----------------
-            end_k = ended.view(n, K)
-            done = end_k.all(1)                                         # (n,)
-            if length_norm is None:   # extending can only lower a score: the best ended one wins
-                best_end = scores.masked_fill(~end_k, -math.inf).max(1).values
-                best_live = scores.masked_fill(end_k, -math.inf).max(1).values
-                done |= best_end >= best_live
-            if t == max_len:
+            logp, alpha, beams.state = model.step(beams.prev(start_id), beams.state, ctx)   # (n*w,V), (n*w,L)
+            logp, alpha = logp.float(), alpha.float()
+            V = logp.size(1)
+            if masks is _UNSET:
+                masks = (rules or Rules()).masks(V, dev)
+                beams.alphas = alpha.new_zeros(B, 0, alpha.size(1))
+                fin = (_AllFinished(B, max_len + 1, alpha.size(1), dev, K) if all_beams
+                       else _Finished(B, max_len + 1, alpha.size(1), dev))
+            if masks is not None:
+                masks(logp, beams.tokens, beams.prev(start_id))
+            top, idx, ends, stored = _candidates(beams.scores, logp, n, w, K, end_id)
+            fin.add(torch.where(stored, ends / float(t) ** X, -math.inf), stored, beams, alpha, end_id)
+            best_live = top[:, 0]                                           # (n,) raw sum log p
+            done = ((fin.count >= K) & (fin.score >= best_live)) | (fin.score >= best_live / float(max_len + 1) ** X)
+            if t == max_len + 1:
                 done[:] = True
             new = done & ~collected
             if bool(new.any()):
-                _collect(results, images, new, scores, tokens, alphas, lengths, ended, K, length_norm)
+                (_collect_all if all_beams else _collect)(results, images, new, fin, beams, w, X)
                 collected |= new
             n_done = int(collected.sum())
             if n_done == n:
                 break
-            # Dropping rows copies all of ctx (memory-bound, about half a step), so finished images
-            # keep riding along (results already stored) until they make up COMPACT_FRACTION of it.
+            rows = (torch.arange(n, device=dev)[:, None] * w + idx // V).view(-1)   # (n*K,) parent rows
+            beams = beams.select(rows).grow((idx % V).view(-1), alpha[rows], top.view(-1))
+            if w == 1 and not per_image:      # ctx follows the rows (per-image ctx is never copied per beam)
+                ctx = select_rows(ctx, torch.arange(n, device=dev).repeat_interleave(K), n)
+            w = K
+            # Dropping rows copies all of ctx (memory-bound, about half a step), so done images keep
+            # riding along (results already stored) until they make up COMPACT_FRACTION of the batch.
             if n_done >= COMPACT_FRACTION * n:
-                keep = (~collected).nonzero().view(-1)                  # (n',) images still going
+                keep = (~collected).nonzero().view(-1)                      # (n',) images still going
                 keep_rows = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)
-                state = select_rows(state, keep_rows, n * K)
+                beams, fin, images = beams.select(keep_rows), fin.select(keep), images[keep.cpu()]
                 ctx = select_rows(ctx, keep, n) if per_image else select_rows(ctx, keep_rows, n * K)
-                scores = scores.index_select(0, keep)
-                tokens, alphas = tokens.index_select(0, keep_rows), alphas.index_select(0, keep_rows)
-                ended, lengths = ended.index_select(0, keep_rows), lengths.index_select(0, keep_rows)
-                prev = prev.index_select(0, keep_rows)
-                images = images[keep.cpu()]
-                n = images.numel()
-                collected = torch.zeros(n, dtype=torch.bool, device=dev)
-            # -- one step of all live and ended hypotheses ----------------------------------------
-            logp, alpha, state = model.step(prev, state, ctx)           # (n*K,V), (n*K,L)
-            logp = logp.float()
-            V = logp.size(1)
-            if bool(ended.any()):
-                # an ended hypothesis continues only with <pad>, at no cost: score and slot kept
-                logp = logp.masked_fill(ended[:, None], -math.inf)
-                logp[:, pad_id].masked_fill_(ended, 0.0)
-            cand = (scores.view(-1, 1) + logp).view(n, K * V)           # (n, K*V)
-            scores, idx = cand.topk(K, dim=1)                           # (n, K)
-            parent, word = idx // V, idx % V                            # (n, K) beam, token
-            rows = (torch.arange(n, device=dev)[:, None] * K + parent).view(-1)  # (n*K,) parent row
-            word = word.view(-1)                                        # (n*K,)
-            state = select_rows(state, rows, n * K)
-            tokens = torch.cat([tokens.index_select(0, rows), word[:, None]], 1)
-            alphas = torch.cat([alphas.index_select(0, rows), alpha.float().index_select(0, rows)[:, None]], 1)
-            was_ended = ended.index_select(0, rows)
-            lengths = lengths.index_select(0, rows) + (~was_ended).long()
-            ended = was_ended | (word == end_id)
-            prev = word
+                collected = torch.zeros(images.numel(), dtype=torch.bool, device=dev)
     return results  # type: ignore[return-value]
 
 
-def _collect(results, images, done, scores, tokens, alphas, lengths, ended, K, length_norm):
-    """Store the best hypothesis of every finished image (ended ones first, then max-length fallback)."""
+def _candidates(scores: torch.Tensor, logp: torch.Tensor, n: int, w: int, K: int, end_id: int):
+    """scores (n*w,) of the live rows, logp (n*w, V) their next-token log-probabilities ->
+    top (n, K) and idx (n, K) the K best word candidates of each image (idx = row * V + token),
+    ends (n, w) the <end> candidates, stored (n, w) those among the image's K best candidates (ends
+    included: so beam 1 is greedy)."""
+    V = logp.size(1)
+    cand = (scores[:, None] + logp).view(n, w, V)
+    ends = cand[:, :, end_id].clone()                                       # (n, w) finished candidates
+    cand[:, :, end_id] = -math.inf
+    top, idx = _topk(cand.view(n, w * V), K)                                 # (n, K) best word candidates
+    kth = torch.cat([top, ends], 1).topk(K, 1).values[:, -1:]                  # (n, 1)
+    return top, idx, ends, (ends >= kth) & (ends > -math.inf)
+
+
+def _topk(scores: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk over dim 1, padded with -inf (index 0) when there are fewer than K columns."""
+    top, idx = scores.topk(min(K, scores.size(1)), dim=1)
+    if top.size(1) < K:
+        extra = K - top.size(1)
+        top = torch.cat([top, top.new_full((top.size(0), extra), -math.inf)], 1)
+        idx = torch.cat([idx, idx.new_zeros(idx.size(0), extra)], 1)
+    return top, idx
+
+
+def _collect(results, images, new, fin: _Finished, beams: _Beams, w: int, X: float):
+    """Store the result of every newly done image: its best finished caption, or, when none finished,
+    its best live hypothesis (max_len words, no <end>)."""
     n = images.numel()
-    lens = lengths.view(n, K).float()
-    final = scores / lens.clamp(min=1) ** length_norm if length_norm else scores.clone()   # (n, K)
-    end_k = ended.view(n, K)
-    # prefer ended hypotheses: live ones only count for images where none ended
-    final = torch.where(end_k | ~end_k.any(1, keepdim=True), final, torch.full_like(final, -math.inf))
-    best = final.argmax(1)                                                        # (n,)
-    sel = done.nonzero().view(-1)
-    best_rows = (sel * K + best[sel])
-    toks = tokens.index_select(0, best_rows).cpu()
-    alps = alphas.index_select(0, best_rows).cpu()
-    lens_sel = lengths.index_select(0, best_rows).cpu().tolist()
-    fin_sel = final[sel, best[sel]].cpu().tolist()
-    for j, (i, m) in enumerate(zip(images[sel.cpu()].tolist(), lens_sel)):
-        results[i] = Hypothesis(toks[j, :m].tolist(), alps[j, :m], float(fin_sel[j]))
+    sel = new.nonzero().view(-1)                                          # (s,)
+    live, k = beams.scores.view(n, w)[sel].max(1)                         # (s,)
+    rows = sel * w + k
+    m = beams.tokens.size(1)
+    f_tok, f_alp, f_len = fin.tokens[sel].cpu(), fin.alphas[sel].cpu(), fin.length[sel].cpu().tolist()
+    f_score = fin.score[sel].cpu().tolist()
+    l_tok, l_alp = beams.tokens[rows].cpu(), beams.alphas[rows].cpu()
+    l_score = (live / float(max(m, 1)) ** X).cpu().tolist()
+    for j, i in enumerate(images[sel.cpu()].tolist()):
+        if f_score[j] > -math.inf:
+            results[i] = Hypothesis(f_tok[j, :f_len[j]].tolist(), f_alp[j, :f_len[j]], float(f_score[j]))
+        else:
+            results[i] = Hypothesis(l_tok[j].tolist(), l_alp[j], float(l_score[j]))
+
+
+class _AllFinished(_Finished):
+    """_Finished that also keeps every finished caption of each image (host lists, so it syncs every
+    step): beam_search(all_beams=True), for the captioning page's other beams."""
+
+    def __init__(self, n: int, T: int, L: int, dev, K: int):
+        super().__init__(n, T, L, dev)
+        self.K, self.all = K, [[] for _ in range(n)]
+
+    def add(self, final, stored, beams, alpha, end_id):
+        super().add(final, stored, beams, alpha, end_id)
+        w = final.size(1)
+        for j, k in stored.nonzero().tolist():
+            r = j * w + k
+            alphas = torch.cat([beams.alphas[r], alpha[r][None]]).cpu()           # (m + 1, L)
+            self.all[j].append(Hypothesis(beams.tokens[r].tolist() + [end_id], alphas, float(final[j, k])))
+
+    def select(self, images):
+        super().select(images)
+        self.all = [self.all[i] for i in images.tolist()]
+        return self
+
+
+def _collect_all(results, images, new, fin: _AllFinished, beams: _Beams, w: int, X: float):
+    """all_beams: the K best finished captions of each newly done image, best first, topped up with its
+    best live hypotheses (no <end>) when fewer than K finished."""
+    n, m = images.numel(), beams.tokens.size(1)
+    scores = beams.scores.view(n, w)
+    for j, i in zip(new.nonzero().view(-1).tolist(), images[new.cpu()].tolist()):
+        hs = sorted(fin.all[j], key=lambda h: -h.score)[:fin.K]
+        for k in scores[j].argsort(descending=True).tolist()[:fin.K - len(hs)]:
+            if scores[j, k] > -math.inf:
+                r = j * w + k
+                hs.append(Hypothesis(beams.tokens[r].tolist(), beams.alphas[r].cpu(),
+                                     float(scores[j, k] / float(max(m, 1)) ** X)))   # as _collect rounds it
+        results[i] = hs
 
 
 # -- ensembles ------------------------------------------------------------------------------------
@@ -286,8 +399,9 @@ def _decode_batch(start: int) -> list[Hypothesis]:
 
 
 def decode_features(model, features: np.ndarray | Sequence, *, beam: int = 3, max_len: int = 20,
-                    length_norm: float | None = None, batch_size: int = 100, device: str | torch.device = "cpu",
-                    workers: int = 1, progress: bool = True, desc: str = "decode") -> list[Hypothesis]:
+                    length_norm: float | None = None, rules: Rules | None = None, batch_size: int = 100,
+                    device: str | torch.device = "cpu", workers: int = 1, progress: bool = True,
+                    desc: str = "decode") -> list[Hypothesis]:
     """Decode every row of `features` (N,L,C) (array, or anything sliceable into arrays, or into tuples
     of arrays for an Ensemble reading several caches) in batches.
 
@@ -299,7 +413,7 @@ def decode_features(model, features: np.ndarray | Sequence, *, beam: int = 3, ma
     N = len(features)
     starts = list(range(0, N, batch_size))
     _JOB.update(model=model, features=features, batch_size=batch_size, device=device,
-                kw=dict(beam=beam, max_len=max_len, length_norm=length_norm))
+                kw=dict(beam=beam, max_len=max_len, length_norm=length_norm, rules=rules))
     out: list[Hypothesis] = []
     bar = tqdm(total=N, desc=desc, unit="img", disable=not progress, leave=False)
     try:

@@ -8,10 +8,11 @@ extraction exactly.
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -67,6 +68,57 @@ def preprocess_image(img, pp: dict):
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))   # (3, H, W)
 
 
+class Batch(NamedTuple):
+    """One batch of extraction input, from either input path (extract's DataLoader, gpu_images)."""
+    rows: np.ndarray          # (B,) int64 cache rows
+    x: object                 # (B, 3, H, W) float32 tensor, the backbone's input (zeros for a bad image)
+    errs: list                # [B] str: '' or 'ErrorType: message' for an unreadable image
+    pictures: list            # [B] identity.Picture of the file read (None when it could not be read)
+
+
+class _Bytes(io.BytesIO):
+    """A file's bytes for Pillow, named by its path in Pillow's messages ("cannot identify image file ...")."""
+
+    def __init__(self, data: bytes, path):
+        super().__init__(data)
+        self._path = str(path)
+
+    def __repr__(self):
+        return repr(self._path)
+
+
+def open_image(path, pp: dict, read=None):
+    """The one way extraction opens an image file (CPU DataLoader workers and the GPU path's fallback alike):
+    -> (x (3, H, W) float32, error '' or 'ErrorType: message', Picture or None).
+
+    The bytes are read once (`identity.read_picture`: the Picture record of exactly what was decoded), Pillow
+    decodes them, `preprocess_image` makes the backbone's input. An unreadable image never raises: a zero
+    tensor and its message (extraction lists it, or records it in /bad). `read`: (bytes, Picture) already read."""
+    import torch
+    from PIL import Image
+    from pipeline.cache.identity import read_picture
+    picture = None
+    try:
+        data, picture = read if read is not None else read_picture(path)
+        with Image.open(_Bytes(data, path)) as im:
+            im.load()
+            return preprocess_image(im, pp), "", picture
+    except Exception as e:   # noqa: BLE001 - any decode failure makes the image "bad"
+        h, w = pp["resize"]
+        return torch.zeros(3, h, w), f"{type(e).__name__}: {e}", picture
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A point before the last block(s) of a backbone where stage one may stop (`extract --layer`): the
+    cache then holds the activations entering the top, and stage two trains the top with the decoder
+    (pipeline/extraction/cuts.py splits the module there)."""
+    layer: str                        # e.g. "conv5_4_input": the input of conv5_4
+    at: int                           # VGG: index in the conv trunk (nn.Sequential); EfficientNet: block index
+    feature_dim: int                  # channels of the cached activations (the grid is the backbone's)
+    about: str = ""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -80,6 +132,8 @@ class BackboneSpec:
     flops_per_image: float = field(default=0.0)   # informational (benchmarks)
     cpu_batch: int = 32               # default extraction batch on CPU: the fastest measured here
                                       # (large 448-px activations fall out of cache at bigger batches)
+    cuts: tuple = ()                  # Cut entries: where `extract --layer` may stop
+    layer: str = ""                   # "" for the final layer; a Cut's layer for `cuts.spec_at` specs
 
     @property
     def num_regions(self) -> int:
@@ -323,7 +377,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     s.name: s for s in (
         BackboneSpec("vgg19", 224, (14, 14), 512, caffe_preprocessing(224), build_vgg19,
                      amp=None, notes="Oxford VGG19 conv5_4 (paper), Caffe BGR mean subtraction",
-                     flops_per_image=_vgg19_flops(224)),
+                     flops_per_image=_vgg19_flops(224),
+                     cuts=(Cut("conv5_4_input", 34, 512, "relu5_3's output; the top is conv5_4 + ReLU"),
+                           Cut("conv5_1_input", 28, 512, "pool4's output; the top is conv5_1 .. conv5_4 + ReLUs"))),
         BackboneSpec("resnet152", 448, (14, 14), 2048, imagenet_preprocessing(448),
                      _torchvision_builder("resnet152", "ResNet152_Weights"), amp="float16"),
         BackboneSpec("resnet101", 448, (14, 14), 2048, imagenet_preprocessing(448),
@@ -332,7 +388,9 @@ BACKBONES: dict[str, BackboneSpec] = {
                      _torchvision_builder("densenet161", "DenseNet161_Weights"), amp="float16"),
         BackboneSpec("efficientnet_lite2", 448, (14, 14), 1280, tflite_preprocessing(448),
                      build_efficientnet_lite2, amp="float16", cpu_batch=4,   # 13.2 img/s at 4, 8.0 at 16 (2 threads)
-                     notes=f"optional: {EFFLITE_PIP}"),
+                     notes=f"optional: {EFFLITE_PIP}",
+                     cuts=(Cut("last_stage_input", 20, 208, "block 19's output (14x14x208); the top is the last "
+                               "stage (one MBConv6 block, 208 -> 352) + the 1x1 head conv + BN + ReLU6"),)),
         BackboneSpec("resnet152_resmem", 448, (14, 14), 2048, resmem_preprocessing(448),
                      build_resnet152_resmem, amp="float16", cpu_batch=4,   # 1 thread: 0.81 img/s at 2 and 4, 0.79 at 8
                      notes="opt-in `make resmem` (ResMem Non-commercial License): torchvision ResNet-152 "

@@ -1,19 +1,19 @@
 """Stage one: run a frozen backbone over every image once and cache the annotation vectors in HDF5.
 
-    records -> DataLoader workers (decode + preprocess) -> backbone (B,C,14,14) -> (B,L,C) -> writer thread
-    -> /features rows, then /done for those rows (after the features are flushed).
+    records -> DataLoader workers (backbones.open_image: read once, hash, decode, preprocess) or the GPU input
+    path (gpu_images) -> backbone (B,C,14,14) -> (B,L,C), refused if not finite -> writer thread (writer.py)
+    -> /features rows and their picture records, then /done for those rows (after the features are flushed).
 
-Resumable: rows with /done set are skipped, so a killed run (even kill -9) continues where it stopped.
+Resumable: rows with /done set are skipped, so a killed run (even kill -9) continues where it stopped; over
+an existing file, the rows whose picture changed since are computed again (`recheck_pictures`).
 """
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -21,39 +21,30 @@ from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.fileio import FileLock, disk_error
 from pipeline.data.records import Record
-from pipeline.cache.store import runs_of
-
-FLUSH_EVERY_S = 10.0      # at most this much finished work is lost on a crash
-
+from pipeline.provenance import ComputeMeter
+from pipeline.cache import identity, layout, readers
+from pipeline.extraction.writer import Writer, WriterFailed
+from pipeline.extraction import compute
 
 # ---- provenance ------------------------------------------------------------------------------------
 
-def split_hashes(records: Sequence[Record]) -> dict:
-    """split -> sha256 of its image ids in file order: identifies the exact rows of a file."""
-    from pipeline.provenance import sha256_strings
-    out = {}
-    for s in sorted({r.split for r in records}):
-        out[s] = sha256_strings(r.image_id for r in records if r.split == s)
-    return out
-
-
 def make_provenance(spec, weights_sha256: str, dataset: str, records: Sequence[Record], dtype: str) -> dict:
     from datetime import datetime, timezone
-    from pipeline.cache import store
     from pipeline.provenance import code_version
     return {
         "backbone": spec.name, "weights_sha256": weights_sha256, "preprocessing": spec.preprocessing,
         "input_size": spec.input_size, "grid": list(spec.grid), "feature_dim": spec.feature_dim,
-        "dtype": dtype, "dataset": dataset, "split_hashes": split_hashes(records),
-        "captions_sha256": store.captions_sha256(records), "code_version": code_version(),
+        "dtype": dtype, "dataset": dataset, "split_hashes": identity.split_hashes(records),
+        "captions_sha256": identity.captions_sha256(records), "code_version": code_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"layer": spec.layer} if getattr(spec, "layer", "") else {}),   # a cut (extract --layer): cuts.py
     }
 
 
 # ---- data ------------------------------------------------------------------------------------------
 
 class _Images:
-    """Dataset of (row, (3,H,W) tensor, error message or '') over selected rows; runs in workers."""
+    """Dataset of (row, (3,H,W) tensor, error message or '', Picture) over selected rows; runs in workers."""
 
     def __init__(self, paths: list[str], rows: np.ndarray, preprocessing: dict):
         self.paths, self.rows, self.pp = paths, rows, preprocessing
@@ -62,127 +53,16 @@ class _Images:
         return len(self.rows)
 
     def __getitem__(self, i):
-        import torch
-        from PIL import Image
-        from pipeline.extraction.backbones import preprocess_image
+        from pipeline.extraction.backbones import open_image
         row = int(self.rows[i])
-        try:
-            with Image.open(self.paths[row]) as im:
-                im.load()
-                x = preprocess_image(im, self.pp)
-            return row, x, ""
-        except Exception as e:   # noqa: BLE001 - any decode failure makes the image "bad"
-            h, w = self.pp["resize"]
-            return row, torch.zeros(3, h, w), f"{type(e).__name__}: {e}"
+        return (row, *open_image(self.paths[row], self.pp))
 
 
 def _collate(items):
     import torch
-    rows = np.array([r for r, _, _ in items], np.int64)
-    return rows, torch.stack([x for _, x, _ in items]), [e for _, _, e in items]
-
-
-# ---- writer ----------------------------------------------------------------------------------------
-
-class _Writer(threading.Thread):
-    """Writes finished batches on a background thread so the backbone never waits on HDF5.
-
-    Order per flush: features (and bad flags) are written and flushed first, then /done for those rows,
-    then flushed again; a crash in between only loses rows, it never marks unwritten rows done.
-    If the writer fails (a full disk), `put` raises its error at once instead of blocking on the full
-    queue, and the rows it had finished writing are still marked done (best effort).
-    """
-
-    POLL_S = 0.2
-
-    def __init__(self, path: Path, dtype: str):
-        super().__init__(daemon=True)
-        self.path, self.dtype = path, np.dtype(dtype)
-        self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.stopping = threading.Event()
-
-    def _send(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            if not self.is_alive():
-                raise RuntimeError("the extraction writer thread stopped")
-            try:
-                self.q.put(item, timeout=self.POLL_S)
-                return
-            except queue.Full:
-                continue
-
-    def put(self, rows: np.ndarray, feats: np.ndarray | None, bad: np.ndarray):
-        self._send((rows, feats, bad))
-
-    def close(self):
-        """Write what is queued, commit, stop; raises the writer's error."""
-        if self.is_alive():
-            self._send(None)
-            self.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self):
-        """Stop without writing what is still queued (an error is propagating); never raises."""
-        self.stopping.set()
-        self.join(timeout=60)
-
-    def run(self):
-        import h5py
-        try:
-            with h5py.File(self.path, "r+") as f:
-                feats_d, done_d, bad_d = f["features"], f["done"], f["bad"]
-                pending: list[np.ndarray] = []
-                last = time.monotonic()
-                try:
-                    while not self.stopping.is_set():
-                        try:
-                            item = self.q.get(timeout=self.POLL_S)
-                        except queue.Empty:
-                            continue
-                        if item is None:
-                            break
-                        rows, feats, bad = item         # rows (B,), feats (B, L, C) stored dtype, bad (B,)
-                        _write_rows(feats_d, rows, feats.astype(self.dtype, copy=False))
-                        for a, b in runs_of(rows):      # set and clear: a retried image may now be fine
-                            r0 = int(rows[a])
-                            if bad[a:b].any() or bad_d[r0:r0 + (b - a)].any():
-                                bad_d[r0:r0 + (b - a)] = bad[a:b]
-                        pending.append(rows)
-                        if time.monotonic() - last >= FLUSH_EVERY_S:
-                            self._commit(f, done_d, pending)
-                            pending, last = [], time.monotonic()
-                except BaseException:
-                    try:                                # rows fully written before a failure stay done
-                        self._commit(f, done_d, pending)
-                    except Exception:   # noqa: BLE001 - the first error is the one to report
-                        pass
-                    raise
-                self._commit(f, done_d, pending)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            self.error = e
-
-    @staticmethod
-    def _commit(f, done_d, pending):
-        if not pending:
-            return
-        f.flush()                                   # features on disk first ...
-        _write_mask(done_d, np.sort(np.concatenate(pending)))
-        f.flush()                                   # ... then the done mask
-        pending.clear()
-
-
-def _write_rows(d, rows: np.ndarray, feats: np.ndarray):
-    for a, b in runs_of(rows):                      # contiguous slices: one HDF5 write per run
-        d[int(rows[a]):int(rows[a]) + (b - a)] = feats[a:b]
-
-
-def _write_mask(d, rows: np.ndarray):
-    for a, b in runs_of(rows):
-        d[int(rows[a]):int(rows[a]) + (b - a)] = True
+    from pipeline.extraction.backbones import Batch
+    return Batch(np.array([it[0] for it in items], np.int64), torch.stack([it[1] for it in items]),
+                 [it[2] for it in items], [it[3] for it in items])
 
 
 # ---- extraction ------------------------------------------------------------------------------------
@@ -194,6 +74,7 @@ class ExtractResult:
     computed: int
     bad: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    compute: dict = field(default_factory=dict)    # OUT's `compute` attribute after this session
 
     @property
     def images_per_s(self) -> float:
@@ -203,9 +84,8 @@ class ExtractResult:
 def check_existing(out: Path, attrs: dict, provenance: dict, records: Sequence[Record]) -> None:
     """Refuse to mix into an existing file (`attrs`) made by something else. The captions hash is
     not checked here: changed text over the same pictures is `refresh_captions`' business."""
-    from pipeline.cache import store
-    expected = {k: v for k, v in store.provenance_of(provenance).items() if k != "captions_sha256"}
-    store.check_same_provenance(expected, store.provenance_of(attrs),
+    expected = {k: v for k, v in identity.provenance_of(provenance).items() if k != "captions_sha256"}
+    identity.check_same_provenance(expected, identity.provenance_of(attrs),
                                 what="the existing feature file", where=str(out))
     if int(attrs.get("num_images", -1)) != len(records):
         raise UserError(f"{out}: holds {attrs.get('num_images')} images but the dataset has {len(records)}. "
@@ -215,15 +95,46 @@ def check_existing(out: Path, attrs: dict, provenance: dict, records: Sequence[R
 def refresh_captions(out: Path, attrs: dict, provenance: dict, records: Sequence[Record]) -> None:
     """Same pictures, new caption text (or a file older than caption hashes): rewrite the file's
     captions and objects, keep its features, say so."""
-    from pipeline.cache import store
     if attrs.get("captions_sha256") != provenance["captions_sha256"]:
-        store.refresh_annotations(out, records, provenance["captions_sha256"])
+        layout.refresh_annotations(out, records, provenance["captions_sha256"])
         print(f"{out}: the dataset's captions changed (or the file predates caption hashes); refreshed the "
               f"file's captions, features kept.")
 
 
+def changed_pictures(out: Path, attrs: dict, provenance: dict, records: Sequence[Record]) -> np.ndarray:
+    """The finished rows whose picture is no longer the dataset's file (another --root, a re-made synthetic
+    set, an edited photo): their features must be computed again, never kept under refreshed captions.
+
+    A format-1 file recorded no pictures: a caption change is refused there (the pictures may have changed
+    with the captions), otherwise one note says changed pictures cannot be detected."""
+    changed = layout.changed_pictures(out, [r.path for r in records])
+    if changed is not None:
+        return changed
+    if attrs.get("captions_sha256") != provenance["captions_sha256"]:
+        raise UserError(f"{out}: the dataset's captions changed, and this file predates per-image picture records "
+                        f"(format 1), so whether its pictures changed too cannot be told. Re-extract it with "
+                        f"--force (or another --out).")
+    print(f"note: {out} predates per-image picture records (format 1): a changed picture cannot be detected "
+          f"there; --force re-extracts it with them.")
+    return np.zeros(0, np.int64)
+
+
+def recheck_pictures(out: Path, attrs: dict, provenance: dict, records: Sequence[Record], dataset_root) -> None:
+    """Re-extract (forget) the rows whose picture changed, and record the root the pictures were checked at."""
+    changed = changed_pictures(out, attrs, provenance, records)
+    if len(changed):
+        layout.forget_rows(out, changed)
+        shown = ", ".join(str(records[r].path) for r in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        print(f"{out}: {len(changed)} picture(s) changed since their features were extracted ({shown}); "
+              f"re-extracting those rows.")
+    old = attrs.get("dataset_root") or ""
+    if dataset_root and "image_sha256" in layout.dataset_names(out) and (
+            not old or Path(old).resolve() != Path(dataset_root).resolve()):
+        layout.set_attrs(out, dataset_root=str(dataset_root))
+
+
 def lock_path(out: Path) -> Path:
-    """The lock an extraction holds while it writes OUT: a hidden file beside it (kept, empty, after)."""
+    """The lock an extraction holds while it writes OUT: a hidden file beside it, removed when released."""
     return out.with_name(f".{out.name}.lock")
 
 
@@ -242,11 +153,14 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
             weights: str | None = None, weights_dir: str | Path = "weights", dtype: str = "float16",
             batch_size: int | None = None, workers: int | None = None, force: bool = False,
             skip_bad: bool = False, device: str = "auto", dataset_root: str | Path | None = None, progress: bool = True,
-            max_batches: int | None = None, decode: str = "auto") -> ExtractResult:
+            max_batches: int | None = None, decode: str = "auto", layer: str = "", flip: bool = False) -> ExtractResult:
     """Fill (or resume) `out` with features of `records`. `max_batches` stops early (tests, benchmarks).
+    layer: a cut point of the backbone (backbones.Cut, e.g. conv5_4_input): the activations entering its
+    top instead of the final layer. flip: also the horizontally flipped view of every image (/features_hflip).
     batch_size None: the backbone's `cpu_batch` on CPU, 32 on GPU. One process at a time writes a
     file: a second one is refused (`lock_path`) before it does any work."""
     out = Path(out)
+    refuse_folder(out, dataset, backbone)
     if dtype not in ("float16", "float32"):
         raise UserError(f"--dtype {dtype}: choose float16 or float32.")
     if batch_size is not None and batch_size < 1:
@@ -256,23 +170,24 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
     if missing and not skip_bad:
         raise UserError(f"{len(missing)} image file(s) missing, e.g. {', '.join(missing[:5])}. "
                         f"Check --root, or pass --skip-bad to record them in /bad.")
-    with FileLock(lock_path(out), f"feature file {out}"):
+    with FileLock(lock_path(out), f"feature file {out}", remove=True):
         return _extract(records, out, dataset=dataset, backbone=backbone, weights=weights,
                         weights_dir=weights_dir, dtype=dtype, batch_size=batch_size, workers=workers, force=force,
                         skip_bad=skip_bad, device=device, dataset_root=dataset_root, progress=progress,
-                        max_batches=max_batches, decode=decode)
+                        max_batches=max_batches, decode=decode, layer=layer, flip=flip)
 
 
 def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dtype, batch_size, workers, force,
-             skip_bad, device, dataset_root, progress, max_batches, decode="auto") -> ExtractResult:
+             skip_bad, device, dataset_root, progress, max_batches, decode="auto", layer="", flip=False) -> ExtractResult:
     """The extraction proper (the lock held): open or create OUT, then run the backbone over the rows to do."""
     import torch
 
     dev = resolve_device(device)
-    from pipeline.extraction.backbones import load_backbone
-    module, spec, sha = load_backbone(backbone, weights, weights_dir)
+    meter = ComputeMeter(dev)          # this session's wall / CPU / GPU seconds, added to OUT's `compute`
+    from pipeline.extraction.cuts import load_prefix
+    module, spec, sha = load_prefix(backbone, layer, weights, weights_dir)     # the whole backbone without --layer
     todo = _rows_to_do(out, records, make_provenance(spec, sha, dataset, records, dtype), spec, dtype=dtype,
-                       force=force, skip_bad=skip_bad, dataset_root=dataset_root)
+                       force=force, skip_bad=skip_bad, dataset_root=dataset_root, flip=flip)
     result = ExtractResult(out, len(records), 0)
     if len(todo) == 0:
         return result
@@ -296,8 +211,10 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
         batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
     t0 = time.perf_counter()
     result.computed, bad = _run_backbone(module, spec, batches, out, paths, len(todo), dev=dev, dtype=dtype,
-                                         skip_bad=skip_bad, progress=progress, max_batches=max_batches)
+                                         skip_bad=skip_bad, progress=progress, max_batches=max_batches, flip=flip)
     result.seconds, result.bad = time.perf_counter() - t0, bad
+    del batches                      # DataLoader workers end (and are waited for): their CPU time counts
+    result.compute = compute.record(out, meter.lap(), dev, result.computed)
     if bad and not skip_bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise UserError(f"{len(bad)} image(s) could not be read:\n  {shown}\n"
@@ -306,70 +223,94 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
     return result
 
 
-def _rows_to_do(out: Path, records, prov: dict, spec, *, dtype, force, skip_bad, dataset_root) -> np.ndarray:
+def _rows_to_do(out: Path, records, prov: dict, spec, *, dtype, force, skip_bad, dataset_root,
+                flip: bool = False) -> np.ndarray:
     """Create OUT (or check an existing one is the same extraction, refreshing changed captions);
     the rows still to compute: not done, and earlier --skip-bad rows unless skipping again."""
     import h5py
-    from pipeline.cache import store
     if out.exists() and not force:
         try:
-            attrs = store.read_attrs(out)
+            attrs = layout.read_attrs(out)
         except UserError:
             raise UserError(f"{out}: exists but is not a readable feature file. Use --force to overwrite it "
                             f"or choose another --out.") from None
         check_existing(out, attrs, prov, records)
+        if ("hflip" in (attrs.get("views") or [])) != flip:
+            raise UserError(f"{out}: was extracted {'with' if not flip else 'without'} --flip; give the same views "
+                            f"(or --force to re-extract, or another --out).")
+        recheck_pictures(out, attrs, prov, records, dataset_root)    # before the captions: never stale rows
         refresh_captions(out, attrs, prov, records)
     else:
-        store.create(out, records, prov, num_regions=spec.num_regions, feature_dim=spec.feature_dim,
-                     dtype=dtype, dataset_root=dataset_root)
+        layout.create(out, records, prov, num_regions=spec.num_regions, feature_dim=spec.feature_dim,
+                     dtype=dtype, dataset_root=dataset_root, flip=flip)
     with h5py.File(out, "r") as f:
         done, bad_mask = f["done"][()], f["bad"][()]
     return np.flatnonzero(~done if skip_bad else ~done | bad_mask)
 
 
 def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, dtype, skip_bad, progress,
-                  max_batches) -> tuple[int, list[str]]:
-    """Backbone over the batches (rows, x (B,3,H,W), errs), rows handed to the writer thread; returns
-    (rows computed, bad images). A writer failure (a full disk) stops it with one error."""
+                  max_batches, flip: bool = False) -> tuple[int, list[str]]:
+    """Backbone over the batches (backbones.Batch: rows, x (B,3,H,W), errs, pictures), rows handed to the
+    writer thread; returns
+    (rows computed, bad images). A writer failure (a full disk) stops it with one error. flip: the
+    backbone also runs on the mirrored input x.flip(-1) (= preprocessing the mirrored image)."""
     import torch
     from tqdm import tqdm
     cuda = dev == "cuda"
     amp = getattr(torch, spec.amp) if (cuda and spec.amp) else None
-    writer = _Writer(out, dtype)
+    writer = Writer(out, dtype)
     writer.start()
     computed, bad = 0, []
     bar = tqdm(total=total, unit="img", desc=f"extract {spec.name}", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     try:
         with torch.inference_mode():
-            for bi, (rows, x, errs) in enumerate(batches):
+            for bi, (rows, x, errs, pictures) in enumerate(batches):
                 if max_batches is not None and bi >= max_batches:
                     break
                 x = x.to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)  # (B,3,H,W)
-                with torch.autocast(dev, dtype=amp, enabled=amp is not None):
-                    y = module(x)                                            # (B, C, h, w)
-                y = y.flatten(2).transpose(1, 2)                             # (B, L, C), L = h*w row-major
-                # one cast, straight to the stored dtype (autocast outputs are already half on GPU)
-                feats = y.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
+                views = []
+                for xv in ((x, x.flip(-1)) if flip else (x,)):
+                    with torch.autocast(dev, dtype=amp, enabled=amp is not None):
+                        y = module(xv)                                       # (B, C, h, w)
+                    y = y.flatten(2).transpose(1, 2)                         # (B, L, C), L = h*w row-major
+                    # one cast, straight to the stored dtype (autocast outputs are already half on GPU)
+                    views.append(y.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy())
+                feats, flipped = views[0], (views[1] if flip else None)
                 isbad = np.array([bool(e) for e in errs])
+                for v in views:                                              # never store NaN/inf as features
+                    check_computed(v, rows, isbad, paths, spec.name)
                 if isbad.any():
                     for r, e in zip(rows[isbad], np.array(errs, object)[isbad]):
                         bad.append(f"{paths[r]} ({e})")
                     if skip_bad:
                         feats[isbad] = 0
+                        if flip:
+                            flipped[isbad] = 0
                     else:                                                    # neither written nor done
                         keep = ~isbad
                         rows, feats, isbad = rows[keep], feats[keep], isbad[keep]
+                        pictures = [p for p, k in zip(pictures, keep) if k]
+                        flipped = flipped[keep] if flip else None
                 if len(rows):
-                    writer.put(rows, feats, isbad)
+                    writer.put(rows, feats, isbad, flipped, pictures)
                 computed += len(rows)
                 bar.update(len(errs))
                 if bad:
                     bar.set_postfix(bad=len(bad))
         writer.close()           # raises the writer's error (a full disk) after committing what it wrote
-    except OSError as e:         # the writer's I/O error: one line naming the file and the disk
+    except WriterFailed as e:    # the writer's I/O error: one line naming the file and the disk
+        writer.abort()
+        raise disk_error(out, e.error) from e.error
+    except OSError as e:
         writer.abort()
         raise disk_error(out, e) from e
+    except UserError:            # a refused batch (NaN features): the batches queued before it are good
+        try:
+            writer.close()
+        except WriterFailed:
+            pass
+        raise
     except BaseException:
         writer.abort()           # never raises: the error that stopped us is the one reported
         raise
@@ -380,103 +321,23 @@ def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, d
     return computed, bad
 
 
-# ---- several processes (torchrun) ---------------------------------------------------------------
-
-def _stale_shards(out: Path, world: int) -> list[Path]:
-    from pipeline.cache.store import shard_paths
-    keep = set(shard_paths(out, world))
-    return sorted(p for p in out.parent.glob(f"{out.stem}.rank*-of*{out.suffix or '.h5'}") if p not in keep)
-
-
-def _existing_final(out: Path, records, *, dataset, backbone, weights, weights_dir, dtype, merge) -> str:
-    """'complete' when OUT exists, is complete and matches; 'run' when it should be (re)made."""
-    import h5py
-    from pipeline.cache import store
-    from pipeline.extraction.backbones import load_backbone
-    try:
-        attrs = store.read_attrs(out)
-        with h5py.File(out, "r") as f:
-            virtual = f["features"].is_virtual
-            done = f["done"][()]                 # a missing VDS source reads as fill value False
-    except (UserError, OSError, KeyError):
-        raise UserError(f"{out}: exists but is not a readable feature file. Use --force to overwrite it "
-                        f"or choose another --out.") from None
-    _, spec, sha = load_backbone(backbone, weights, weights_dir)
-    prov = make_provenance(spec, sha, dataset, records, dtype)
-    check_existing(out, attrs, prov, records)
-    if done.all():
-        if virtual and merge == "copy":
-            return "run"                  # vds -> copy: merge again (the merge writes the current captions)
-        refresh_captions(out, attrs, prov, records)
-        return "complete"
-    if not virtual:
-        raise UserError(f"{out}: an incomplete single-process extraction. Resume it with the same command "
-                        f"without torchrun, or pass --force to redo it with several processes.")
-    return "run"   # a merged VDS whose shards are missing or incomplete: redo/resume the shards
+def check_computed(feats: np.ndarray, rows: np.ndarray, isbad: np.ndarray, paths, backbone: str) -> None:
+    """feats (B, L, C) as computed: one UserError naming the image and row of the first good image whose
+    features hold NaN or inf (broken weights, an fp16 overflow); nothing of the batch is written."""
+    sums = feats.reshape(len(feats), -1).sum(axis=1, dtype=np.float32 if feats.dtype == np.float16 else np.float64)
+    broken = np.flatnonzero(~np.isfinite(sums) & ~isbad)
+    if len(broken):
+        r = int(rows[broken[0]])
+        raise UserError(f"{paths[r]} (row {r}): backbone {backbone} gave NaN or infinite features "
+                        f"({len(broken)} image(s) of this batch). The weights or the device arithmetic are "
+                        f"broken (try --dtype float32 or --device cpu); the rows finished so far are kept.")
 
 
-def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str, merge: str = "vds",
-                        weights: str | None = None, weights_dir: str | Path = "weights",
-                        dtype: str = "float16", batch_size: int | None = None, workers: int | None = None,
-                        force: bool = False, skip_bad: bool = False, device: str = "auto",
-                        dataset_root: str | Path | None = None, progress: bool = True,
-                        echo: Callable[[str], None] = print, decode: str = "auto"):
-    """Extract `records` into OUT with every process of the torchrun group (call it on every rank).
-
-    Returns an extract.ExtractResult summed over the ranks (seconds: the slowest rank).
-    A single process (no process group) runs extract.extract unchanged.
-    """
-    from pipeline import distributed
-    from pipeline.cache import store
-    from pipeline.distributed import shard
-
-    kw = dict(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, dtype=dtype,
-              batch_size=batch_size, skip_bad=skip_bad, device=device, dataset_root=dataset_root, decode=decode)
-    if merge not in ("vds", "copy"):
-        raise UserError(f"--merge {merge}: choose vds or copy.")
-    info = distributed.current()
-    if not info.distributed:
-        return extract(records, out, workers=workers, force=force, progress=progress, **kw)
-    out = Path(out)
-    records = extractable(records, dataset)
-    n = len(records)
-
-    def decide():
-        if info.is_main:
-            for p in _stale_shards(out, info.world_size):
-                echo(f"note: {p} is a shard of a run with another number of processes; it is not used "
-                     f"(delete it).")
-            if out.exists() and not force:
-                return _existing_final(out, records, dataset=dataset, backbone=backbone, weights=weights,
-                                       weights_dir=weights_dir, dtype=dtype, merge=merge)
-        return "run"
-    status = distributed.run_on_all_ranks(decide)[0]
-    if status == "complete":
-        return ExtractResult(out, n, 0)
-
-    rows = shard(n, info.rank, info.world_size)
-    mine = store.shard_path(out, info.rank, info.world_size)
-    if workers is None:    # share the node's CPUs between its processes
-        workers = max(1, min(8, ((os.cpu_count() or 2) - 1) // max(1, info.local_world_size)))
-
-    def work():
-        if not len(rows):
-            return (0, [], 0.0)
-        res = extract([records[i] for i in rows], mine, workers=workers, force=force,
-                      progress=progress and info.is_main, **kw)
-        store.write_global_index(mine, rows, info.rank, info.world_size, n, of=out.name)
-        return (res.computed, res.bad, res.seconds)
-    results = distributed.run_on_all_ranks(work)
-    result = ExtractResult(out, n, sum(r[0] for r in results), [b for r in results for b in r[1]],
-                           max(r[2] for r in results))
-
-    def do_merge():
-        if info.is_main:
-            used = [store.shard_path(out, r, info.world_size) for r in range(info.world_size)
-                    if len(shard(n, r, info.world_size))]
-            store.merge_shards(out, used, records, mode=merge, dataset_root=dataset_root)
-    distributed.run_on_all_ranks(do_merge)
-    return result
+def refuse_folder(out: Path, dataset: str, backbone: str) -> None:
+    """--out names the feature file: a folder there is refused, --force or not (--force was a traceback)."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; --out names the feature file to write, e.g. "
+                        f"--out {out / f'{dataset}_{backbone}.h5'}.")
 
 
 # ---- info ------------------------------------------------------------------------------------------
@@ -484,8 +345,7 @@ def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str
 def info(path: str | Path) -> str:
     """Human-readable summary of a feature file: provenance, rows per split, done/bad counts."""
     import json
-    from pipeline.cache import store
-    st = store.FeatureStore.open(path, require_complete=False)
+    st = readers.FeatureStore.open(path, require_complete=False)
     lines = [f"{st.path}"]
     for k in sorted(st.attrs):
         v = st.attrs[k]

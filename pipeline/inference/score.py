@@ -24,6 +24,7 @@ import numpy as np
 
 from typing import Sequence
 
+from pipeline.inference import decoding, shipped
 from pipeline.training import runs
 from pipeline.config import ScoreConfig
 from pipeline.decoder.decode import Ensemble, Hypothesis, decode_features
@@ -41,17 +42,19 @@ METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CI
 class DecodedSplit:
     """Every image of a split decoded once: what scoring, reports and the results browser read."""
     runs: list[LoadedRun]
-    store: object                 # store.FeatureStore | FusedStore: ids, filenames, references, objects
+    store: object                 # readers.FeatureStore | FusedStore: ids, filenames, references, objects
     split: str
     rows: np.ndarray              # (N,) store rows, in decoding order
     hyps: list[Hypothesis]        # (N,) tokens, attention maps (T, L), score
     vocab: Vocab
     decode_s: float
     cfg: ScoreConfig
+    max_len: int = 0              # the max-len used, in words (cfg.max_len, or what 0 = auto resolved to)
+    max_len_rule: str = ""        # how it was chosen (decoding.resolve_max_len)
 
     @property
     def captions(self) -> list[str]:
-        return [self.vocab.decode(h.tokens) for h in self.hyps]
+        return decoding.captions(self.hyps, self.vocab)     # <unk> shown, not dropped
 
     @property
     def image_ids(self) -> list[str]:
@@ -131,8 +134,7 @@ def decode_split(loaded: Sequence[LoadedRun], split: str, cfg: "ScoreConfig", fe
     for r in loaded:
         r.model.hard_context = cfg.hard_context
     model = loaded[0].model if len(loaded) == 1 else Ensemble([r.model for r in loaded], inputs)
-    hyps, seconds = _decode(model, stores, rows, split, cfg)
-    return DecodedSplit(list(loaded), store, split, rows, hyps, loaded[0].vocab, seconds, cfg)
+    return _decode(list(loaded), model, stores, rows, split, cfg, log)
 
 
 def split_rows(store, split: str) -> np.ndarray:
@@ -144,13 +146,17 @@ def split_rows(store, split: str) -> np.ndarray:
     return rows
 
 
-def _decode(model, stores: list, rows: np.ndarray, split: str, cfg: "ScoreConfig") -> tuple[list[Hypothesis], float]:
+def _decode(loaded: list, model, stores: list, rows: np.ndarray, split: str, cfg: "ScoreConfig", log,
+            vocab: Vocab | None = None) -> DecodedSplit:
+    """Decode with the decoding rules of cfg and its max-len (0: auto, decoding.resolve_max_len)."""
+    vocab = vocab or loaded[0].vocab
+    max_len, rule = decoding.resolve_max_len(cfg, loaded, stores[0], log=log)
     t0 = time.time()
-    hyps = decode_features(model, _SplitFeatures(stores, rows), beam=cfg.beam, max_len=cfg.max_len,
-                           length_norm=cfg.length_norm, batch_size=cfg.batch_size,
-                           device=resolve_device(cfg.device), workers=cfg.workers, progress=cfg.progress,
-                           desc=f"decode {split}")
-    return hyps, time.time() - t0
+    hyps = decode_features(model, _SplitFeatures(stores, rows), beam=cfg.beam, max_len=max_len,
+                           length_norm=cfg.length_norm, rules=decoding.Rules.from_config(cfg, vocab),
+                           batch_size=cfg.batch_size, device=resolve_device(cfg.device), workers=cfg.workers,
+                           progress=cfg.progress, desc=f"decode {split}")
+    return DecodedSplit(loaded, stores[0], split, rows, hyps, vocab, time.time() - t0, cfg, max_len, rule)
 
 
 # -- captions and COCO results --------------------------------------------------------------------
@@ -160,10 +166,8 @@ def coco_id(image_id: str):
 
 
 def write_results(path: Path, image_ids, captions) -> None:
-    res = [{"image_id": coco_id(i), "caption": c} for i, c in zip(image_ids, captions)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(path)
+    """COCO results [{"image_id", "caption"}], written atomically (a full disk leaves no file behind)."""
+    write_json(path, [{"image_id": coco_id(i), "caption": c} for i, c in zip(image_ids, captions)])
 
 
 # -- language metrics -----------------------------------------------------------------------------
@@ -357,19 +361,19 @@ def grid_and_size(store) -> tuple[tuple[int, int], tuple[int, int]]:
 
 # -- the whole job --------------------------------------------------------------------------------
 def score_decoded(d: DecodedSplit, out_dir: Path, *, log=print, extra: dict | None = None) -> dict:
-    """Write results_<split>.json, score against the references, measure attention on synthetic
-    data, write scores_<split>.json."""
+    """Write results_<split>.<decoding>.json, score against the references, measure attention on synthetic
+    data, write scores_<split>.<decoding>.json (runs.decoding_name: one pair of files per decoding)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     split, rows, hyps, store, cfg = d.split, d.rows, d.hyps, d.store, d.cfg
     captions = d.captions
-    res_path = out_dir / f"results_{split}.json"
+    res_path = runs.results_path(out_dir, split, cfg)
     write_results(res_path, d.image_ids, captions)
-    ended = sum(h.ended for h in hyps)
-    log(f"decoded {len(rows)} {split} images (beam {cfg.beam}) in {d.decode_s:.1f}s "
-        f"({len(rows) / max(d.decode_s, 1e-9):.1f} images/s); {len(rows) - ended} hit max_len={cfg.max_len}. "
-        f"Results: {res_path}")
-    scores = {"split": split, "beam": cfg.beam, "length_norm": cfg.length_norm, "max_len": cfg.max_len,
-              "hard_context": cfg.hard_context,
+    dec = decoding.decoding_record(cfg, d.max_len or cfg.max_len, d.max_len_rule, hyps, d.vocab)
+    log(f"decoded {len(rows)} {split} images (beam {cfg.beam}, max-len {dec['max_len_words']}: "
+        f"{dec['max_len_rule']}) in {d.decode_s:.1f}s ({len(rows) / max(d.decode_s, 1e-9):.1f} images/s). "
+        f"Results: {res_path}\n{decoding.format_counts(dec, len(rows))}")
+    scores = {"split": split, "decoding": runs.decoding_name(cfg),
+              **{k: getattr(cfg, k) for k, *_ in runs.DECODING}, **dec,
               "features": [str(p) for p in store.paths] if len(store.paths) > 1 else str(store.path),
               "split_size": len(rows), "decode_seconds": round(d.decode_s, 2), "results": str(res_path),
               **(extra or {})}
@@ -389,6 +393,10 @@ def score_decoded(d: DecodedSplit, out_dir: Path, *, log=print, extra: dict | No
         scores.update(num_scored=len(with_refs), metrics=metrics, **notes)
         log(format_table(metrics, f"{split}: {len(with_refs)} images, "
                                   f"{sum(len(refs[int(r)]) for r in with_refs)} references (x100)"))
+    from pipeline.inference.diagnostics import diagnose, format_diagnostics   # diversity, gender words
+    diag = diagnose(captions, [refs.get(int(r), []) for r in rows], store.captions_of("train")[1])
+    scores.update(diag)
+    log(format_diagnostics(diag))
 
     if store.objects is not None:
         grid, size = grid_and_size(store)
@@ -398,7 +406,7 @@ def score_decoded(d: DecodedSplit, out_dir: Path, *, log=print, extra: dict | No
         scores["attention"] = asdict(st)
         log(format_attention(st))
 
-    path = out_dir / f"scores_{split}.json"
+    path = runs.scores_path(out_dir, split, cfg)
     write_json(path, scores)
     log(f"scores: {path}")
     return scores
@@ -408,8 +416,7 @@ def score_split(model, vocab: Vocab, store, out_dir: Path, cfg: ScoreConfig, *,
                 log=print, extra: dict | None = None) -> dict:
     """Decode `cfg.split` of `store` with any decoder (init_state/step, docs/design.md) and score it."""
     rows = split_rows(store, cfg.split)
-    hyps, seconds = _decode(model, [store], rows, cfg.split, cfg)
-    d = DecodedSplit([], store, cfg.split, rows, hyps, vocab, seconds, cfg)
+    d = _decode([], model, [store], rows, cfg.split, cfg, log, vocab)
     return score_decoded(d, out_dir, log=log, extra=extra)
 
 
@@ -419,13 +426,19 @@ def run_score(run_dirs: Sequence[str | Path] | str | Path | None, cfg: ScoreConf
     of runs (into runs/ensemble_<names>/ beside the first run)."""
     if run_dirs is None or isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
+    seen = [shipped.member_key(r) for r in run_dirs]
+    for k, r in enumerate(seen):
+        if r in seen[:k]:
+            raise UserError(f"--run {run_dirs[k]}: given twice (as --run {run_dirs[seen.index(r)]}); an ensemble of "
+                            f"a run with itself is that run. Give each run once.")
     if not java_available():
         log("warning: `java` is not on PATH: METEOR and the PTB tokenizer cannot run (see below).")
-    loaded = [runs.load_run(r, device=resolve_device(cfg.device), log=log) for r in run_dirs]
+    loaded = [shipped.load_member(r, device=resolve_device(cfg.device), log=log) for r in run_dirs]
+    shipped.check_cache(loaded, features)
     d = decode_split(loaded, cfg.split, cfg, features, log=log)
     log(f"run{'s' if len(loaded) > 1 else ''} {', '.join(str(r.run_dir) for r in loaded)}, "
         f"features {', '.join(str(p) for p in d.store.paths)}")
-    out_dir = ensemble_dir(loaded) if len(loaded) > 1 else loaded[0].run_dir
+    out_dir = shipped.results_dir(loaded) or (ensemble_dir(loaded) if len(loaded) > 1 else loaded[0].run_dir)
     extra = {"run": str(loaded[0].run_dir), "epoch": loaded[0].ckpt.get("epoch"), "checkpoint": loaded[0].which}
     if len(loaded) > 1:
         extra = {"runs": [str(r.run_dir) for r in loaded], "epochs": [r.ckpt.get("epoch") for r in loaded]}

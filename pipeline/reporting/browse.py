@@ -98,6 +98,7 @@ class SiteData:
     objects: list[list[dict]] | None = None  # synthetic data: [{color, shape, box: [x0, y0, x1, y1]}]
     frame: tuple[int, int] | None = None     # (H, W) pixel frame of the boxes
     notes: list[str] = field(default_factory=list)
+    train_references: list[str] | None = None  # the cache's training captions: which captions are copies
 
 
 # -- from runs to SiteData ------------------------------------------------------------------------
@@ -148,10 +149,19 @@ def result_of(decoded, order: np.ndarray, references: list[list[str]], *, label:
     cfg = decoded.cfg
     info = {"run": str(run.run_dir) if run else "", "checkpoint": run.which if run else "",
             "epoch": run.ckpt.get("epoch") if run else None, "beam": cfg.beam, "length_norm": cfg.length_norm,
-            "max_len": cfg.max_len, "features": ", ".join(str(p) for p in decoded.store.paths),
+            "max_len": decoded.max_len or cfg.max_len, "features": ", ".join(str(p) for p in decoded.store.paths),
             "decode_seconds": round(decoded.decode_s, 2), "tokenizer": notes.get("tokenizer"),
             "scored": sum(s is not None for s in scores)}
     return RunResult(label, words, maps, scores, corpus, info, grid=tuple(decoded.grid))
+
+
+def check_image_root(root: Path, filenames: Sequence[str]) -> None:
+    """--images is the folder the cache's image paths are relative to (the dataset folder given to extract
+    --root); refuse one under which no image of the split is, e.g. the dataset's images/ folder itself."""
+    if filenames and not any((root / f).is_file() for f in filenames[:50]):
+        raise UserError(f"--images {root}: none of the split's images is under it (e.g. {root / filenames[0]}). "
+                        f"Pass the folder the cache's image paths ({filenames[0]}, ...) are relative to: the "
+                        f"dataset folder given to extract --root.")
 
 
 def run_labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -172,24 +182,30 @@ def run_browse(run: str | Path | None, split: str, cfg, *, compare: str | Path |
     Returns the path of the site's index.html."""
     from pipeline.training import runs
     from pipeline.device import resolve_device
+    from pipeline.inference import shipped
     from pipeline.inference.score import decode_split, grid_and_size, split_rows
 
     bcfg = bcfg or BrowseConfig()
     device = resolve_device(cfg.device)
-    loaded = [runs.load_run(run, device=device, log=log)]
+    loaded = [shipped.load_member(run, device=device, log=log)]     # a run, or a shipped model (ModelRef)
     if compare is not None:
-        loaded.append(runs.load_run(compare, device=device, log=log))
+        loaded.append(shipped.load_member(compare, device=device, log=log))
         if loaded[1].run_dir.resolve() == loaded[0].run_dir.resolve():
             raise UserError(f"--compare {compare}: that is the run being browsed; compare with another run.")
     labels = run_labels([r.run_dir for r in loaded])
     if out is None:
-        out = loaded[0].run_dir / (f"browse_{split}" + (f"_vs_{loaded[1].run_dir.name}" if len(loaded) > 1 else ""))
+        out = (shipped.results_dir(loaded[:1]) or loaded[0].run_dir) / (
+            f"browse_{split}" + (f"_vs_{loaded[1].run_dir.name}" if len(loaded) > 1 else ""))
     out = Path(out)
     check_replaceable(out)                  # before the decoding, not after
     feats = [features, compare_features]
+    for r, f in zip(loaded, feats):
+        shipped.check_cache([r], f)
     # refuse a comparison of different images before decoding anything
     stores = [runs.open_run_features(r.ckpt, r.run_dir, f or None) for r, f in zip(loaded, feats)]
     ids = [[st.image_ids[k] for k in split_rows(st, split)] for st in stores]
+    if image_root is not None:
+        check_image_root(Path(image_root), [stores[0].filenames[k] for k in split_rows(stores[0], split)])
     if len(loaded) > 1:
         check_same_images(ids[0], ids[1], what_a=f"run {loaded[0].run_dir} ({stores[0].path})",
                           what_b=f"run {loaded[1].run_dir} ({stores[1].path})", split=split)
@@ -219,6 +235,11 @@ def run_browse(run: str | Path | None, split: str, cfg, *, compare: str | Path |
                              f"runs are scored on {labels[0]}'s ({store.path}).")
         log(f"{label}: scoring {len(order)} captions per image ...")
         results.append(result_of(d, order, references, label=label, log=log))
+        scored, differ = runs.check_against_results(d.runs[0].run_dir, split, d.cfg, d.image_ids, d.captions)
+        results[-1].info.update(results_file=str(scored) if scored else None, decoding=runs.decoding_name(d.cfg))
+        if differ:
+            notes.append(f"{label}: {differ} of {len(d.rows)} captions differ from {scored}, which `pipeline score` "
+                         f"wrote with the same decoding (from another checkpoint?).")
         tok = results[-1].info.get("tokenizer")
         if tok and tok != "PTBTokenizer":
             notes.append(f"{label}: scored with the {tok} tokenizer, without METEOR: not comparable to "
@@ -230,7 +251,7 @@ def run_browse(run: str | Path | None, split: str, cfg, *, compare: str | Path |
     title = " vs ".join(labels) + f" — {split}"
     data = SiteData(title=title, split=split, image_ids=[str(i) for i in first.image_ids], image_paths=paths,
                     references=references, runs=results, grid=grid, objects=objects,
-                    frame=frame if objects is not None else None, notes=notes)
+                    frame=frame if objects is not None else None, notes=notes, train_references=store.captions_of("train")[1])
     return write_site(data, out, bcfg, log=log)
 
 
@@ -353,7 +374,7 @@ def write_site(data: SiteData, out: str | Path, cfg: BrowseConfig | None = None,
     if cfg.page_size < 1 or cfg.thumb < 16:
         raise UserError(f"page size {cfg.page_size} / thumbnail size {cfg.thumb}: need >= 1 / >= 16.")
     check_replaceable(out)
-    from pipeline.training import runs
+    from pipeline.fileio import disk_error
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -370,7 +391,7 @@ def write_site(data: SiteData, out: str | Path, cfg: BrowseConfig | None = None,
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise runs.disk_error(out, e) from e
+            raise disk_error(out, e) from e
         raise
     log(f"site: {out / 'index.html'} ({n} images, {stats['pages']} pages of {cfg.page_size}, "
         f"{stats['bytes'] / 2**20:.1f} MiB: thumbnails {stats['img_bytes'] / 2**20:.1f}, "
@@ -403,13 +424,19 @@ def _write(data: SiteData, site: Path, cfg: BrowseConfig, log) -> dict:
         _placeholder(site / "img" / "missing.jpg", cfg.thumb)
 
     metrics = [m for m in METRICS if any(s and m in s for r in data.runs for s in r.scores)]
+    from pipeline.inference.diagnostics import for_runs     # diversity and gender words, per run and image
+    diags, agreed, verdicts = for_runs([[" ".join(w) for w in r.words] for r in data.runs], data.references,
+                                       data.train_references)
+    gender = {"ref": [agreed[i] for i in order], "verdict": [[v[i] for i in order] for v in verdicts]} \
+        if any(agreed) else None
     index = {
         "format": FORMAT, "title": data.title, "split": data.split, "count": n, "page_size": ps, "pages": pages,
         "grid": list(data.grid), "upscale": cfg.upscale, "frame": list(data.frame) if data.frame else None,
         "has_objects": data.objects is not None, "metrics": metrics, "sort": sort, "notes": data.notes,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": f"pipeline {__version__} browse",
         "runs": [{"label": r.label, "info": r.info, "grid": list(r.grid or data.grid),
-                  "corpus": {m: _num(v) for m, v in r.corpus.items()}} for r in data.runs],
+                  "corpus": {m: _num(v) for m, v in r.corpus.items()}, "diagnostics": dg}
+                 for r, dg in zip(data.runs, diags)],
         "images": {
             "id": [data.image_ids[i] for i in order],
             "w": [w for w, _ in sizes], "h": [h for _, h in sizes], "missing": missing,
@@ -417,6 +444,7 @@ def _write(data: SiteData, site: Path, cfg: BrowseConfig, log) -> dict:
             "score": [{m: [_num(r.scores[i].get(m)) if r.scores[i] else None for i in order] for m in metrics}
                       for r in data.runs],
             "refwords": [" ".join(sorted({w for c in data.references[i] for w in _words(c)})) for i in order],
+            "gender": gender,
         },
     }
     (site / "data" / "index.js").write_text(_js("BROWSE.index", index), encoding="utf-8")

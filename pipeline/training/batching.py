@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline.distributed import shard
+from pipeline.errors import UserError
 
 
 def select_lengths(lengths: Sequence[int], max_len: int = 30) -> tuple[np.ndarray, dict]:
@@ -29,6 +30,16 @@ def select_lengths(lengths: Sequence[int], max_len: int = 30) -> tuple[np.ndarra
     n = np.asarray(lengths, dtype=np.int64)
     too_long, empty = n > max_len, n < 1
     return ~(too_long | empty), {"too_long": int(too_long.sum()), "empty": int(empty.sum())}
+
+
+def require_captions(captions: Sequence[str], max_len: int, where) -> None:
+    """Refuse a --max-len that leaves no train caption: the run would train nothing and save an untrained
+    model as best.pt. Called before any work (the cache is not read yet)."""
+    from pipeline.data.text import tokenize
+    n = np.array([len(tokenize(c)) for c in captions])
+    if not select_lengths(n, max_len)[0].any():
+        raise UserError(f"--max-len {max_len} drops every train caption of {where} (the shortest has "
+                        f"{n[n >= 1].min() if (n >= 1).any() else 0} words); raise --max-len.")
 
 
 class BucketBatchSampler:

@@ -9,13 +9,15 @@
                          best.pt is written before last.pt, so last.pt never records a best epoch
                          that best.pt does not hold
       log.jsonl, log.csv one line per epoch (LOG_FIELDS), curves.png
-      results_<split>.json, scores_<split>.json   from `pipeline score`
+      results_<split>.<decoding>.json, scores_<split>.<decoding>.json   from `pipeline score`, one pair
+                         per decoding (`decoding_name`: results_val.beam3_ln0.7.json); runs scored
+                         before that hold results_<split>.json, scores_<split>.json
 
 A checkpoint's `features` is a list of {"path", "provenance"}: one entry per feature cache the
 decoder reads (several for a fused run, whose annotation vectors are the caches' concatenated).
 `format_version` is CHECKPOINT_FORMAT; `load_checkpoint` upgrades older dicts.
 
-Imports flow one way: runs.py uses model/text/store; train, score, caption and browse use runs.py.
+Imports flow one way: runs.py uses model/text/cache; train, score, caption and browse use runs.py.
 """
 from __future__ import annotations
 
@@ -39,8 +41,17 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
+# The keys of a checkpoint (train.TrainState.to_checkpoint); one outside these is refused, naming the file.
+CHECKPOINT_KEYS = frozenset({
+    "format_version", "model", "optimizer", "scheduler", "rng", "epoch", "batch_in_epoch", "step", "best_score",
+    "best_epoch", "bad_epochs", "history", "epoch_acc", "select_metric", "vocab", "decoder_config", "train_config",
+    "features", "feature_dim", "num_regions"})
+OPTIONAL_KEYS = frozenset({"code_version", "finished", "init_from", "compute"})   # absent from some older files
+
+
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint dict, upgraded to CHECKPOINT_FORMAT."""
+    """A checkpoint dict, upgraded to CHECKPOINT_FORMAT; a file that is not one (a key missing or
+    unknown, settings this code does not know) is one UserError naming it."""
     import torch
     path = Path(path)
     if not path.exists():
@@ -51,7 +62,13 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}).") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path}: not a checkpoint written by `pipeline train`.")
-    version = int(ckpt.get("format_version", 1))
+    if "format_version" not in ckpt and "features_path" not in ckpt:
+        raise UserError(f"{path}: has no format_version and is not a format-1 checkpoint (no features_path); "
+                        f"it was not written by `pipeline train`, or was edited. Retrain, or restore the file.")
+    try:
+        version = int(ckpt.get("format_version", 1))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: format_version {ckpt['format_version']!r} is not a number.") from None
     if version > CHECKPOINT_FORMAT:
         raise UserError(f"{path}: checkpoint format {version} is newer than this code's ({CHECKPOINT_FORMAT}); "
                         f"update the pipeline package.")
@@ -64,7 +81,55 @@ def load_checkpoint(path: Path) -> dict:
         for k, v in {"reward": 0.0}.items():
             ckpt["epoch_acc"].setdefault(k, v)
         ckpt["format_version"] = CHECKPOINT_FORMAT
+    _check_keys(ckpt, path)
     return ckpt
+
+
+def _check_keys(ckpt: dict, path: Path) -> None:
+    """Every key a checkpoint needs, none it cannot hold, and decoder/training settings this code knows."""
+    from pipeline.config import DecoderConfig, TrainConfig
+    missing = sorted(CHECKPOINT_KEYS - set(ckpt))
+    unknown = sorted(set(ckpt) - CHECKPOINT_KEYS - OPTIONAL_KEYS)
+    if missing or unknown:
+        raise UserError(f"{path}: not a checkpoint of this code ("
+                        + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                    + ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []))
+                        + "). It was edited, or written by other code; retrain, or restore the file.")
+    for key, cls in (("decoder_config", DecoderConfig), ("train_config", TrainConfig)):
+        if not isinstance(ckpt[key], dict):
+            raise UserError(f"{path}: {key} is a {type(ckpt[key]).__name__}, not a dict of settings.")
+        try:
+            cls.from_dict(ckpt[key])
+        except UserError as e:
+            raise UserError(f"{path}: {key}: {e}") from None
+        except TypeError as e:      # a wrong type that the dataclass cannot even hold
+            raise UserError(f"{path}: {key}: {e}.") from None
+
+
+class Finished(UserError):
+    """A `--resume` of a run with nothing left to train; `train` prints it and returns `summary`."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def refuse_finished(ckpt: dict, cfg, run_dir: Path) -> None:
+    """Raise Finished when the run has nothing left to train under `cfg` (its settings with the resume's
+    changes): it is finished, and this is how to train more."""
+    epoch, bad = ckpt["epoch"], ckpt["bad_epochs"]
+    if ckpt["batch_in_epoch"] or (epoch < cfg.epochs and bad < cfg.patience):
+        return
+    why = (f"all {cfg.epochs} epochs are trained" if epoch >= cfg.epochs else
+           f"it early-stopped after epoch {epoch} (no val {cfg.metric} gain for {bad} epochs, --patience {cfg.patience})")
+    more = ([f"--epochs {epoch + 5}"] if epoch >= cfg.epochs else []) + \
+           ([f"--patience {bad + 2}"] if bad >= cfg.patience else [])
+    raise Finished(f"{run_dir} is finished: {why}; best val {cfg.metric} {ckpt['best_score']:.4f} at epoch "
+                   f"{ckpt['best_epoch']} (best.pt). Nothing to do. To train it further: pipeline train --run "
+                   f"{run_dir} --resume {' '.join(more)}; or start a new run from its weights: --init-from {run_dir}.",
+                   {"run": str(run_dir), "epoch": epoch, "step": ckpt["step"], "best_score": ckpt["best_score"],
+                    "best_epoch": ckpt["best_epoch"], "select_metric": cfg.metric, "stopped": "finished",
+                    "history": ckpt["history"]})
 
 
 def checkpoint_features(ckpt: dict) -> list[dict]:
@@ -117,7 +182,7 @@ def load_run(run: str | Path | None, which: str | None = None, device="cpu", log
     """A run's decoder (eval mode, on `device`), vocabulary and checkpoint.
 
     which None: best.pt, or last.pt with one line saying so when no epoch has finished yet."""
-    from pipeline.decoder.model import Decoder, DecoderConfig
+    from pipeline.decoder.model import DecoderConfig
     from pipeline.data.text import Vocab
 
     run_dir = resolve_run(run)
@@ -128,8 +193,9 @@ def load_run(run: str | Path | None, which: str | None = None, device="cpu", log
         if which == "last":
             log(f"note: {run_dir} has no best.pt yet (no epoch finished); using last.pt.")
     ckpt = load_checkpoint(run_dir / f"{which}.pt")
-    model = Decoder(DecoderConfig.from_dict(ckpt["decoder_config"]), len(ckpt["vocab"]["itos"]),
-                    ckpt["feature_dim"])
+    from pipeline.decoder.topped import build_decoder   # a cache of an earlier layer: the decoder + its fine-tuned top
+    model = build_decoder(DecoderConfig.from_dict(ckpt["decoder_config"]), len(ckpt["vocab"]["itos"]),
+                          ckpt["feature_dim"], [f.get("provenance") for f in checkpoint_features(ckpt)])
     model.load_state_dict(ckpt["model"])
     return LoadedRun(run_dir, model.to(device).eval(), Vocab.from_dict(ckpt["vocab"]), ckpt, which)
 
@@ -164,21 +230,21 @@ def feature_paths(ckpt: dict, run_dir: Path, override: Sequence[str | Path] | No
 
 def open_run_features(ckpt: dict, run_dir: Path, override: Sequence[str | Path] | None = None):
     """The run's feature store (one cache, or the fused caches), checked against the recorded provenance."""
-    from pipeline.cache import store
-    st = store.open_features(feature_paths(ckpt, run_dir, override))
+    from pipeline.cache.readers import open_features
+    st = open_features(feature_paths(ckpt, run_dir, override))
     check_features(ckpt, st, where=str(run_dir))
     return st
 
 
 def check_features(ckpt: dict, st, *, where: str) -> None:
     """Refuse a store whose caches were made by something else than the run's."""
-    from pipeline.cache import store
+    from pipeline.cache.identity import check_same_provenance
     recorded = checkpoint_features(ckpt)
     if len(recorded) != len(st.provenances):
         raise UserError(f"{where}: the run reads {len(recorded)} feature file(s), not {len(st.provenances)}.")
     for f, found, path in zip(recorded, st.provenances, st.paths):
         if f.get("provenance"):
-            store.check_same_provenance(f["provenance"], found, what=f"features file {path}", where=where)
+            check_same_provenance(f["provenance"], found, what=f"features file {path}", where=where)
     if (st.num_regions, st.feature_dim) != (ckpt["num_regions"], ckpt["feature_dim"]):
         raise UserError(f"{where}: features {', '.join(map(str, st.paths))} are {st.num_regions}x{st.feature_dim}, "
                         f"the run was trained on {ckpt['num_regions']}x{ckpt['feature_dim']}.")
@@ -221,3 +287,92 @@ def read_config(run_dir: Path) -> dict:
         return json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# -- files per decoding ------------------------------------------------------------------------------
+# The ScoreConfig settings that change the captions, as parts of a results file's name, in this order:
+# (field, abbreviation, the value left out of the name, labels of some values). beam and ln are always
+# named (None); another setting only when it differs from the value left out: the default when names
+# were introduced, fixed here, so a name keeps its meaning when a default changes. A bool is named by
+# its abbreviation when on, "no" + it when off. A new ScoreConfig field joins DECODING, or NOT_DECODING
+# when it changes only speed or output (tests/test_score.py fails on a field in neither).
+DECODING = (("beam", "beam", None, {}), ("length_norm", "ln", None, {}), ("max_len", "len", 0, {0: "auto"}),
+            ("block_trigrams", "blocktri", True, {}), ("suppress_unk", "maskunk", True, {}),
+            ("remove_bad_endings", "rmbadend", False, {}), ("hard_context", "ctx", "expected", {}))
+NOT_DECODING = ("split", "batch_size", "device", "workers", "progress")
+# what a scores file written before a setting existed decoded with (it does not record the setting)
+RECORDED_BEFORE = {"length_norm": 0.0, "max_len": 20, "block_trigrams": False, "suppress_unk": False,
+                   "remove_bad_endings": False, "hard_context": "expected"}
+
+
+def decoding_name(settings) -> str:
+    """'beam3_ln0.7' (then e.g. '_len30_noblocktri'): the decoding a results file holds, from a ScoreConfig
+    or from the settings a scores file records (a setting it lacks: RECORDED_BEFORE)."""
+    get = settings.get if isinstance(settings, dict) else (lambda k, d=None: getattr(settings, k, d))
+    parts = []
+    for field, abbr, omitted, labels in DECODING:
+        v = get(field, RECORDED_BEFORE.get(field))
+        if omitted is not None and v == omitted:
+            continue
+        if isinstance(v, bool):
+            parts.append(abbr if v else "no" + abbr)
+        else:
+            v = labels.get(v, f"{v:g}" if isinstance(v, float) else v)
+            parts.append(f"{abbr}{v}")
+    return "".join(c if c.isalnum() or c in ".+-_" else "-" for c in "_".join(parts))
+
+
+def results_path(out_dir: Path, split: str, settings) -> Path:
+    """results_<split>.<decoding>.json: the COCO captions `pipeline score` writes for one decoding."""
+    return Path(out_dir) / f"results_{split}.{decoding_name(settings)}.json"
+
+
+def scores_path(out_dir: Path, split: str, settings) -> Path:
+    """scores_<split>.<decoding>.json: the metrics (and the settings) of that decoding."""
+    return Path(out_dir) / f"scores_{split}.{decoding_name(settings)}.json"
+
+
+def scored_decodings(run_dir: Path) -> list[tuple[str, str, dict, Path]]:
+    """(split, decoding name, scores, path) of every scores file of a run, sorted; a scores_<split>.json
+    written before files were named by decoding is named by the settings it records."""
+    out = []
+    for p in sorted(Path(run_dir).glob("scores_*.json")):
+        split, _, name = p.name[len("scores_"):-len(".json")].partition(".")
+        try:
+            s = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(s, dict):
+            out.append((split, name or decoding_name(s), s, p))
+    return out
+
+
+def find_results(run_dir: Path, split: str, settings) -> Path | None:
+    """The results file of this decoding of `split`, if `pipeline score` wrote one (also an older
+    results_<split>.json whose scores file records the same decoding)."""
+    path = results_path(run_dir, split, settings)
+    if path.exists():
+        return path
+    old = Path(run_dir) / f"results_{split}.json"
+    match = [1 for sp, name, _, p in scored_decodings(run_dir)
+             if sp == split and p.name == f"scores_{split}.json" and name == decoding_name(settings)]
+    return old if match and old.exists() else None
+
+
+def read_results(path: Path) -> dict[str, str]:
+    """{image id (as a string): caption} of a COCO results file; {} if it cannot be read."""
+    try:
+        res = json.loads(Path(path).read_text())
+        return {str(r["image_id"]): r["caption"] for r in res}
+    except (OSError, json.JSONDecodeError, TypeError, KeyError):
+        return {}
+
+
+def check_against_results(run_dir: Path, split: str, settings, image_ids, captions) -> tuple[Path | None, int]:
+    """(the results file `pipeline score` wrote for this decoding, or None; how many of `captions` differ
+    from it): browse shows whether its captions are the ones scored (a run trained on since differs)."""
+    path = find_results(run_dir, split, settings)
+    if path is None:
+        return None, 0
+    scored = read_results(path)
+    return path, sum(scored.get(str(i)) != c for i, c in zip(image_ids, captions))

@@ -32,19 +32,21 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist_mod
-from pipeline.training import runs
+from pipeline.training import compute as compute_mod, runs
 from pipeline.training.curves import plot_curves
 from pipeline.training.progress import EpochProgress
-from pipeline.cache import store as store_mod
+from pipeline.cache.readers import LazyFeatures, open_features
 from pipeline.training.batching import BucketBatchSampler, DistributedBatchSampler, ImageBatchSampler, epoch_plan, select_lengths
+from pipeline.training.batching import require_captions
 from pipeline.config import TrainConfig
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.fileio import write_json
 from pipeline.config import DecoderConfig  # noqa: F401  (re-exported for callers)
 from pipeline.decoder.model import Decoder
-from pipeline.training.objectives import CrossEntropy, SelfCritical, TrainCiderD, tokenized
-from pipeline.provenance import code_version
+from pipeline.decoder.topped import check_init, param_groups, training_model   # a cache of an earlier layer
+from pipeline.training.objectives import CrossEntropy, SelfCritical, TrainCiderD, reward_references, tokenized
+from pipeline.provenance import COMPUTE_KEYS, ComputeMeter, add_compute, code_version
 from pipeline.data.text import Vocab
 
 
@@ -55,7 +57,8 @@ RESUMABLE = ("features", "epochs", "patience", "max_minutes", "max_steps", "devi
 
 # -- the state of a run -----------------------------------------------------------------------------
 def _new_acc() -> dict:
-    return {"loss": 0.0, "nll": 0.0, "reg": 0.0, "reward": 0.0, "steps": 0, "captions": 0, "train_s": 0.0}
+    return {"loss": 0.0, "nll": 0.0, "reg": 0.0, "reward": 0.0, "steps": 0, "captions": 0, "train_s": 0.0,
+            "wall_s": 0.0, "cpu_s": 0.0, "gpu_s": 0.0}     # compute of the epoch so far (provenance.ComputeMeter)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Progress:
     bad_epochs: int = 0            # epochs since the best one
     history: list = field(default_factory=list)     # one dict per finished epoch (log.jsonl)
     epoch_acc: dict = field(default_factory=_new_acc)
+    compute: dict = field(default_factory=dict)     # the run's wall/cpu/gpu seconds in total, all sessions
 
 
 class TrainState:
@@ -79,7 +83,7 @@ class TrainState:
         self.features, self.feature_dim, self.num_regions, self.device = features, feature_dim, num_regions, device
         self.init_from = init_from               # {"run", "epoch", "code_version"} of --init-from, or None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = _optimizer(cfg, self.params)
+        self.optimizer = _optimizer(cfg, param_groups(model, cfg.top_lr))   # a fine-tuned top: its own lr
         self.scheduler = _scheduler(cfg, self.optimizer)
         self.progress = Progress()
 
@@ -93,15 +97,22 @@ class TrainState:
                 "epoch_acc": p.epoch_acc, "finished": finished, "select_metric": self.cfg.metric,
                 "vocab": self.vocab.to_dict(), "decoder_config": self.dcfg.to_dict(),
                 "train_config": asdict(self.cfg), "features": self.features, "feature_dim": self.feature_dim,
-                "num_regions": self.num_regions, "init_from": self.init_from}
+                "num_regions": self.num_regions, "init_from": self.init_from, "compute": p.compute}
 
     def from_checkpoint(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], self.device)
+        acc, compute = compute_mod.restore(ckpt)     # a checkpoint from before compute recording: from here
         self.progress = Progress(ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"], ckpt["best_score"],
-                                 ckpt["best_epoch"], ckpt["bad_epochs"], ckpt["history"], ckpt["epoch_acc"])
+                                 ckpt["best_epoch"], ckpt["bad_epochs"], ckpt["history"], acc, compute)
+
+    def add_compute(self, lap: dict) -> None:
+        """A stretch of compute (ComputeMeter.lap, summed over ranks) into the run's and the epoch's totals."""
+        p = self.progress
+        p.compute = add_compute(p.compute, lap)
+        p.epoch_acc.update(add_compute({k: p.epoch_acc.get(k) for k in COMPUTE_KEYS}, lap))
 
     def end_epoch(self, metrics: dict, echo) -> bool:
         """Select, schedule, record one finished epoch; True when it is the best so far."""
@@ -121,6 +132,8 @@ class TrainState:
                           "lr": self.optimizer.param_groups[0]["lr"], **metrics, "select": self.cfg.metric,
                           "best": p.best_score, "train_s": round(a["train_s"], 2),
                           "captions_per_s": round(a["captions"] / max(a["train_s"], 1e-9), 1),
+                          **{k: round(a.get(k, 0.0), 2) for k in COMPUTE_KEYS},
+                          **({"compute_partial": True} if a.get("compute_partial") else {}),
                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         h = p.history[-1]
         echo(f"epoch {p.epoch + 1}: loss {h['loss']:.3f} nll {h['nll']:.3f}"
@@ -198,7 +211,7 @@ class Features:
         self.ram = torch.from_numpy(st.load_features()) if in_ram else None   # (N, L, C) stored dtype
         if self.ram is not None and device.type == "cuda":
             self.ram = self.ram.to(device)     # 1.6 GB for Flickr8k: no per-step host->device copy
-        self.lazy = None if in_ram else store_mod.LazyFeatures(st.paths)
+        self.lazy = None if in_ram else LazyFeatures(st.paths)
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
         if self.ram is not None:
@@ -222,7 +235,7 @@ class _Batches(torch.utils.data.Dataset):
 
 @dataclass
 class Data:
-    store: object                  # store.FeatureStore | FusedStore
+    store: object                  # readers.FeatureStore | FusedStore
     features: Features
     refs: dict                     # val row -> raw reference captions
     sampler: object                # batching sampler of the objective
@@ -240,19 +253,25 @@ def _xe_data(st, vocab: Vocab, cfg: TrainConfig, features: Features, echo):
     collate = lambda idx: (features(rows[idx]), torch.from_numpy(np.stack([tokens[i] for i in idx])))  # noqa: E731
     echo(f"{len(tokens)} train captions of {len(st.rows('train'))} images in {len(sampler.buckets)} lengths "
          f"({dropped['too_long']} longer than {cfg.max_len} words and {dropped['empty']} empty dropped)")
+    if cfg.flip:    # one view (original / flipped) per caption and epoch: training/views.py
+        from pipeline.training.views import flip_views
+        sampler, collate = flip_views(sampler, rows, [c for c, k in zip(caps, keep) if k], tokens, vocab, st,
+                                      features, seed=cfg.seed)
     return sampler, collate
 
 
 def _scst_data(st, vocab: Vocab, cfg: TrainConfig, features: Features, echo):
     refs = {r: tokenized(c) for r, c in st.references("train").items() if c}
+    refs = reward_references(refs, cfg.scst_reward_end)      # + " <end>" when the reward reads the end token
     rows = np.array(sorted(refs), dtype=np.int64)
     reward = TrainCiderD([refs[r] for r in rows])
     sampler = ImageBatchSampler(rows, cfg.batch_size, seed=cfg.seed)
     collate = lambda idx: (features(rows[idx]), torch.from_numpy(rows[idx]))   # noqa: E731
     objective = SelfCritical(reward, refs, vocab, samples=cfg.scst_samples, baseline=cfg.scst_baseline,
-                             max_len=cfg.scst_max_len)
-    echo(f"self-critical: {len(rows)} train images x {cfg.scst_samples} samples, CIDEr-D reward with document "
-         f"frequencies of their {sum(len(v) for v in refs.values())} references, {cfg.scst_baseline} baseline")
+                             max_len=cfg.scst_max_len, end_token=cfg.scst_reward_end)
+    echo(f"self-critical: {len(rows)} train images x {cfg.scst_samples} samples of <= {cfg.scst_max_len} words, "
+         f"CIDEr-D reward{' with <end>' if cfg.scst_reward_end else ''}, document frequencies of their "
+         f"{sum(len(v) for v in refs.values())} references, {cfg.scst_baseline} baseline")
     return sampler, collate, objective
 
 
@@ -281,12 +300,13 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
     if resume:
         ckpt = runs.load_checkpoint(run_dir / "last.pt")
         cfg = _resume_cfg(ckpt, overrides, run_dir)
+        runs.refuse_finished(ckpt, cfg, run_dir)     # nothing left to train: say so, and how to train more
         dcfg = DecoderConfig.from_dict(ckpt["decoder_config"])
     elif runs.has_checkpoint(run_dir):
         raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or pick another --run.")
     if not cfg.features:
         raise UserError("no feature file: pass --features FILE (several to fuse caches).")
-    st = store_mod.open_features(cfg.features)
+    st = open_features(cfg.features)
     if ckpt is not None:
         runs.check_features(ckpt, st, where=str(run_dir))
 
@@ -294,7 +314,7 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
     if ckpt is None and cfg.init_from:
         init = runs.load_run(cfg.init_from, which="best" if (Path(cfg.init_from) / "best.pt").exists() else "last",
                              log=echo)
-        runs.check_features(init.ckpt, st, where=f"--init-from {init.run_dir}")
+        check_init(init.ckpt, st, runs.check_features, where=f"--init-from {init.run_dir}")   # topped.py
         dcfg = DecoderConfig.from_dict(init.ckpt["decoder_config"])
         init_info = {"run": str(init.run_dir), "which": init.which, "epoch": init.ckpt["epoch"],
                      "code_version": init.ckpt.get("code_version")}
@@ -313,6 +333,8 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
     train_caps = st.captions_of("train")[1]
     if not train_caps:
         raise UserError(f"{st.path}: the train split has no captions.")
+    if cfg.objective == "xe":
+        require_captions(train_caps, cfg.max_len, st.path)    # before any work
     refs = {r: c for r, c in st.references("val").items() if c}
     if not refs:
         raise UserError(f"{st.path}: the val split has no captions; model selection needs them.")
@@ -321,9 +343,8 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
     features = Features(st, in_ram, device)
 
     torch.manual_seed(cfg.seed)    # the model's initial weights depend on the seed only
-    model = Decoder(dcfg, len(vocab), st.feature_dim).to(device)
-    if init is not None:
-        model.load_state_dict(init.model.state_dict())
+    model = training_model(dcfg, len(vocab), st, cfg, resumed=ckpt is not None,
+                           init_model=init and init.model).to(device)
     provs = [{"path": str(p), "provenance": prov} for p, prov in zip(st.paths, st.provenances)]
     state = TrainState(cfg, dcfg, vocab, model, provs, st.feature_dim, st.num_regions, device, init_info)
     if cfg.objective == "xe":
@@ -420,21 +441,25 @@ def _flush(acc: dict, sums: torch.Tensor) -> None:
 
 def evaluate(model, features: Features, refs: dict[int, list[str]], vocab: Vocab, cfg: TrainConfig,
              device: torch.device) -> tuple[dict, list[str]]:
-    """Caption every val image by real decoding (greedy, or beam when cfg.beam > 1); BLEU-1..4 and CIDEr
-    on text.tokenize'd references (model selection scores; `pipeline score` gives the COCO-style ones)."""
+    """Caption every val image by real decoding (greedy, or beam when cfg.beam > 1) of at most --max-len words,
+    with the decoding rules of `pipeline score` (cfg's DecodingRules: <unk>, trigrams, bad endings, length
+    norm); BLEU-1..4 and CIDEr on text.tokenize'd references (model selection scores; `pipeline score` gives
+    the COCO-style ones)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pipeline.decoder import decode
+    from pipeline.decoder.rules import Rules
 
     t0 = time.time()
     rows = np.array(sorted(refs))
-    hyps = []
+    hyps, rules = [], Rules.from_config(cfg, vocab)
     for i in range(0, len(rows), cfg.val_batch_size):
         x = features(rows[i:i + cfg.val_batch_size]).to(device, torch.float32)   # (b, L, C)
         if cfg.beam > 1:
-            hyps.extend(h.tokens for h in decode.beam_search(model, x, beam=cfg.beam, max_len=cfg.max_len))
+            hyps.extend(h.tokens for h in decode.beam_search(model, x, beam=cfg.beam, max_len=cfg.max_len,
+                                                             length_norm=cfg.length_norm, rules=rules))
         else:
-            hyps.extend(decode.greedy_decode(model, x, max_len=cfg.max_len)[0])
+            hyps.extend(decode.greedy_decode(model, x, max_len=cfg.max_len, rules=rules)[0])
     caps = [vocab.decode(h) for h in hyps]
     gts = {int(r): tokenized(refs[int(r)]) for r in rows}
     res = {int(r): [c if c else "<empty>"] for r, c in zip(rows, caps)}
@@ -458,6 +483,10 @@ def train(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: str | Pa
         with runs.run_lock(run_dir) if _rank0() else contextlib.nullcontext():
             return _train(cfg, dcfg, run_dir, resume, overrides or {}, echo if _rank0() else (lambda *_: None),
                           on_step)
+    except runs.Finished as e:
+        if _rank0():
+            echo(str(e))
+        return e.summary
     except Diverged as e:
         has = runs.has_checkpoint(run_dir)
         raise UserError(f"training diverged: {e}. Lower --lr or raise --grad-clip protection; "
@@ -470,7 +499,9 @@ def train(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: str | Pa
 
 
 def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_step) -> dict:
+    meter = ComputeMeter()          # setup (reading the cache) counts too
     state, data, dinfo = setup(cfg, dcfg, run_dir, resume=resume, overrides=overrides, echo=echo)
+    meter.gpus = int(state.device.type == "cuda")
     echo = echo if dinfo.is_main else (lambda *_: None)
     cfg, p, model = state.cfg, state.progress, state.model
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
@@ -481,12 +512,14 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
     while p.epoch < cfg.epochs and stop is None:
         stop = train_one_epoch(state, data, net, deadline=deadline, echo=echo, on_step=on_step)
         if stop is not None:
+            state.add_compute(compute_mod.lap(meter, state.device))
             _save(state, run_dir, dinfo, finished=False)
             break
         model.eval()
         metrics, caps = evaluate(model, data.features, data.refs, state.vocab, cfg, state.device) \
             if dinfo.is_main else ({}, [""])
         model.train()
+        state.add_compute(compute_mod.lap(meter, state.device))
         best = state.end_epoch(dist_mod.broadcast_object(metrics), echo)   # the other ranks wait here
         echo(f"  e.g. \"{caps[0]}\"")
         if p.bad_epochs >= cfg.patience:
@@ -503,8 +536,10 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
     elif stop == "early-stopped":
         echo(f"early stop: no val {cfg.metric} gain for {p.bad_epochs} epochs; best {p.best_score:.4f} "
              f"at epoch {p.best_epoch}")
+    echo(compute_mod.summary(p.compute))
     return {"run": str(run_dir), "epoch": p.epoch, "step": p.step, "best_score": p.best_score,
-            "best_epoch": p.best_epoch, "select_metric": cfg.metric, "stopped": stop or "done", "history": p.history}
+            "best_epoch": p.best_epoch, "select_metric": cfg.metric, "stopped": stop or "done", "history": p.history,
+            "compute": p.compute}
 
 
 def _rank0() -> bool:

@@ -17,7 +17,12 @@
   let IX = null;                         // the index
   const pageData = new Map();            // page number -> page data
   const pending = new Map();             // page number -> {promise, resolve, reject}
-  const state = {sort: "", dir: "asc", q: "", refs: false, page: 1, boxes: false};
+  const state = {sort: "", dir: "asc", q: "", refs: false, page: 1, boxes: false, g: ""};
+  // the gender-word filter (pipeline/inference/diagnostics.py): "" all images, "any" those whose references
+  // agree on a gender, else the verdict of a run's caption (either run's, in a comparison)
+  const GENDER = [["", "all images"], ["any", "references agree on a gender"], ["wrong", "names the other gender"],
+                  ["mixed", "names both genders"], ["neutral", "a neutral word (person, child, …)"],
+                  ["none", "no person word"], ["right", "names the same gender"]];
   let view = [];                         // site indices after filtering and sorting
   let generation = 0;                    // bumps on every render: late page data for an old view is dropped
   let capWords = null, refWords = null;  // per image: Set of caption words (any run), of reference words
@@ -91,8 +96,8 @@
     return q;
   }
 
-  function drawMap(canvas, q, t, grid) {
-    const [gh, gw] = grid, up = IX.upscale, L = gh * gw;
+  function drawMap(canvas, q, t, grid, up = IX.upscale) {
+    const [gh, gw] = grid, L = gh * gw;
     const m = smooth(q, t * L, gh, gw, up);
     const ctx = canvas.getContext("2d");
     const img = ctx.createImageData(gw * up, gh * up);
@@ -103,6 +108,9 @@
     }
     ctx.putImageData(img, 0, 0);
   }
+  // The overlay, shared with the captioning page of `pipeline serve` (pipeline/serving/assets/serve.js),
+  // which loads this file for it: decodeMaps(base64) -> bytes; drawMap(canvas, bytes, word t, [gh, gw], upscale).
+  B.overlay = {decodeMaps, drawMap, smooth};
 
   // -- data files -------------------------------------------------------------------------------
   B.index = function (data) {
@@ -156,6 +164,7 @@
     let idx = [];
     for (let i = 0; i < n; i++) {
       if (words.length && !words.every((w) => capWords[i].has(w) || (state.refs && refSet(i).has(w)))) continue;
+      if (state.g && !genderMatch(i)) continue;
       idx.push(i);
     }
     const key = state.sort, sign = state.dir === "desc" ? -1 : 1;
@@ -172,6 +181,12 @@
     view = idx;
   }
 
+  function genderMatch(i) {
+    const G = IX.images.gender;
+    if (!G || !G.ref[i]) return false;
+    return state.g === "any" || G.verdict.some((v) => v[i] === state.g);
+  }
+
   function refSet(i) {
     if (!refWords[i]) refWords[i] = new Set(IX.images.refwords[i].split(" ").filter(Boolean));
     return refWords[i];
@@ -186,6 +201,7 @@
     if (state.q) p.set("q", state.q);
     if (state.refs) p.set("refs", "1");
     if (state.boxes) p.set("boxes", "1");
+    if (state.g) p.set("g", state.g);
     if (state.page > 1) p.set("p", String(state.page));
     try { history.replaceState(null, "", "#" + p.toString()); } catch (e) { /* some file:// setups refuse */ }
   }
@@ -197,6 +213,7 @@
     state.q = p.get("q") || "";
     state.refs = p.get("refs") === "1";
     state.boxes = p.get("boxes") === "1" && IX.has_objects;
+    state.g = IX.images.gender && GENDER.some(([v]) => v === p.get("g")) ? p.get("g") : "";
     state.page = Math.max(1, parseInt(p.get("p") || "1", 10) || 1);
     if (p.has("ms")) B.playMs = Math.max(10, parseInt(p.get("ms"), 10) || B.playMs);
   }
@@ -224,12 +241,14 @@
       const bits = [];
       if (inf.checkpoint) bits.push(`${inf.checkpoint}.pt` + (inf.epoch !== null && inf.epoch !== undefined ? ` (epoch ${inf.epoch})` : ""));
       if (inf.beam) bits.push(`beam ${inf.beam}` + (inf.length_norm ? `, length norm ${inf.length_norm}` : ""));
+      if (inf.results_file) bits.push(`scored by pipeline score: ${inf.results_file.split("/").pop()}`);
       const corpus = IX.metrics.filter((m) => r.corpus[m] !== undefined && r.corpus[m] !== null)
         .map((m) => `${METRIC_NAMES[m] || m} ${fmt(r.corpus[m])}`);
       if (corpus.length) bits.push(`${IX.split}, ${inf.scored ?? IX.count} images: ${corpus.join(" · ")}`);
       line.appendChild(document.createTextNode(" " + bits.join("; ")));
       if (inf.run) line.title = `${inf.run}\nfeatures: ${inf.features || ""}`;
       sum.appendChild(line);
+      if (r.diagnostics) sum.appendChild(el("div", `diag run${k}`, diagText(r.diagnostics)));
     });
     for (const n of IX.notes || []) $("#notes").appendChild(el("li", "", n));
     const [gh, gw] = IX.grid, up = IX.upscale;
@@ -261,11 +280,28 @@
       timer = setTimeout(() => { state.q = e.target.value.trim(); refresh(true); }, 120);
     });
     $("#inrefs").addEventListener("change", (e) => { state.refs = e.target.checked; if (state.q) refresh(true); else saveHash(); });
+    const gsel = $("#gender");
+    $("#gender-label").hidden = !IX.images.gender;
+    for (const [v, label] of GENDER) gsel.appendChild(new Option(label, v));
+    gsel.value = state.g;
+    gsel.addEventListener("change", () => { state.g = gsel.value; refresh(true); });
     $("#boxes").addEventListener("change", (e) => {
       state.boxes = e.target.checked;
       document.body.classList.toggle("show-boxes", state.boxes);
       saveHash();
     });
+  }
+
+  /* One line of what the captions of a run are like: diversity, and the gender-word diagnostic. */
+  function diagText(d) {
+    const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`);
+    const num = (x, n) => (x === null || x === undefined ? "–" : x.toFixed(n));
+    const v = d.diversity, g = d.gender;
+    let t = `vocabulary ${v.vocab_size} words · ` + (v.novel === null ? "" : `${pct(v.novel)} not a training caption · `) +
+            `distinct-1 ${num(v.distinct_1, 3)} · distinct-2 ${num(v.distinct_2, 3)} · mean length ${num(v.mean_length, 1)}`;
+    if (g.images) t += ` · gender words (${g.images} images whose references agree): other gender ` +
+                       `${pct(g.shares.other)} (${g.counts.other}), neutral ${pct(g.shares.neutral)} (${g.counts.neutral})`;
+    return t;
   }
 
   function pager() {
@@ -313,7 +349,8 @@
     const main = $("#cards");
     main.textContent = "";
     if (!shown.length) {
-      main.appendChild(el("p", "empty", state.q ? `No image has the word “${state.q}”` +
+      main.appendChild(el("p", "empty", state.g && !state.q ? "No image matches the gender filter." :
+        state.q ? `No image has the word “${state.q}”` +
         (state.refs ? " in its captions." : " in its generated caption(s); tick “in references too” to search those.") :
         "No images."));
     }
@@ -401,6 +438,12 @@
       const info = el("div", "wordinfo", " ");
       panel.appendChild(info);
       panel.appendChild(scoreLine(k, i));
+      const G = IX.images.gender;
+      if (G && G.ref[i]) {
+        const g = el("div", `gender ${G.verdict[k][i]}`, `gender: ${G.verdict[k][i]} (the references say ${G.ref[i]})`);
+        g.title = "pipeline/inference/diagnostics.py: at least 3 references name this gender and none the other";
+        panel.appendChild(g);
+      }
       row.appendChild(panel);
       const P = {card, r: k, i, grid, frame, canvas, boxes, spans, info, play, maps: null, named: null, inbox: null,
                  objects: null, pinned: null, hover: null, playing: null, timer: null};

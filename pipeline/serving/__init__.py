@@ -1,0 +1,1 @@
+"""serving: `pipeline serve`, the local captioning page (server.py, uploads.py, assets/)."""
