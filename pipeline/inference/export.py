@@ -168,6 +168,7 @@ def export_run(run: str | Path | None, name: str, cfg: ExportConfig, scfg: Score
     entries = _feature_entries(loaded)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=root))
+    tmp.chmod(0o755)                 # mkdtemp makes it owner-only; a shipped model is read by everyone
     try:
         with tempfile.TemporaryDirectory(prefix="export-scores-") as work:
             log(f"{name}: scoring {cfg.split} with the fp32 weights ...")
@@ -277,7 +278,7 @@ def model_card(m: dict, limits: str | None = None) -> str:
         features="; ".join(f"{p['backbone']} ({f.get('layer')}), {p.get('grid')} grid x {p.get('feature_dim')}, "
                            f"weights sha256 `{p.get('weights_sha256')}`, preprocessing `{json.dumps(p.get('preprocessing'))}`"
                            for f, p in zip(m["features"], provs)),
-        val_images=s["images"], decoding=", ".join(f"{k} {v}" for k, v in s["decoding"].items()),
+        val_images=s["images"], decoding=", ".join(f"{k} {v}" for k, v in s["decoding"].items() if k != "decoding"),
         score_command=s["command"], tokenizer=s["float32"].get("tokenizer", "?"),
         stored=s["stored"], dtype_reason=s["dtype_reason"], score_table=_score_table(m),
         extract="; ".join(f["extract"] for f in m["features"]),
