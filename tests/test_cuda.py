@@ -3,7 +3,7 @@
 
   CPU   pipeline.extraction.gpu_images (the GPU input path, run with the CPU JPEG decoder) against the CPU input path
         (backbones.open_image / extract._Images) on real Flickr8k JPEGs and on odd files;
-        train.fits_in_memory's GPU-memory branch (torch.cuda.mem_get_info faked);
+        training/data.py fits_in_memory's GPU-memory branch (torch.cuda.mem_get_info faked);
         benchmarks/gpu_check.py: its dry run (--device cpu --tiny), its pytest command line, its no-GPU exit.
   CUDA  extraction, the GPU input path (nvjpeg), training with bf16 autocast, beam search (= CPU),
         captioning, fits_in_memory: `python -m pytest -m cuda` (gpu_check's pytest part runs exactly these).
@@ -389,10 +389,10 @@ def test_extract_caches_equal_with_both_decoders(tmp_path, monkeypatch):
 # ---- CPU: fits_in_memory's GPU branch ------------------------------------------------------------
 
 def test_fits_in_memory_checks_free_gpu_memory(monkeypatch):
-    from pipeline.training import train
+    from pipeline.training import data as tdata
     st = types.SimpleNamespace(num_images=10_000, num_regions=196, feature_dim=512, attrs={"dtype": "float16"})
     gib = 2 ** 30                                                     # the cache: 1.87 GiB
-    monkeypatch.setattr(train.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 16 * 2 ** 20,   # 64 GiB free RAM
+    monkeypatch.setattr(tdata.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 16 * 2 ** 20,   # 64 GiB free RAM
                                                            "SC_PAGE_SIZE": 4096}[name])
     asked = []
 
@@ -404,17 +404,17 @@ def test_fits_in_memory_checks_free_gpu_memory(monkeypatch):
     dev = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info(3 * gib))
     lines = []
-    assert train.fits_in_memory(st, dev, 1, lines.append) is False
+    assert tdata.fits_in_memory(st, dev, 1, lines.append) is False
     assert len(lines) == 1 and "GPU memory (3.0 GiB)" in lines[0] and "1.9 GiB" in lines[0], lines
     assert "lazily" in lines[0] and asked == [dev]
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info(60 * gib))
     lines = []
-    assert train.fits_in_memory(st, dev, 1, lines.append) is True and lines == []
+    assert tdata.fits_in_memory(st, dev, 1, lines.append) is True and lines == []
     # on CPU the GPU is never asked; host RAM is checked first (one line naming RAM, not the GPU)
     asked.clear()
-    assert train.fits_in_memory(st, torch.device("cpu"), 1, lines.append) is True and asked == []
-    monkeypatch.setattr(train.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2 ** 19, "SC_PAGE_SIZE": 4096}[name])
-    assert train.fits_in_memory(st, dev, 1, lines.append) is False
+    assert tdata.fits_in_memory(st, torch.device("cpu"), 1, lines.append) is True and asked == []
+    monkeypatch.setattr(tdata.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2 ** 19, "SC_PAGE_SIZE": 4096}[name])
+    assert tdata.fits_in_memory(st, dev, 1, lines.append) is False
     assert len(lines) == 1 and "free RAM (2.0 GiB)" in lines[0] and "GPU" not in lines[0] and asked == []
 
 
@@ -635,11 +635,11 @@ def test_caption_on_cuda(tmp_path, tiny, shapes_factory, no_tf32):
 @cuda_test
 def test_fits_in_memory_on_cuda(tmp_path, monkeypatch):
     from helpers_store import make_store
-    from pipeline.training import train
+    from pipeline.training import data as tdata
     from pipeline.cache.readers import FeatureStore
     st = FeatureStore.open(make_store(tmp_path / "f.h5", {"train": 8, "val": 4}))
     asked = []
     real = torch.cuda.mem_get_info
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or real(device))
     lines = []
-    assert train.fits_in_memory(st, torch.device("cuda"), 1, lines.append) is True and lines == [] and asked
+    assert tdata.fits_in_memory(st, torch.device("cuda"), 1, lines.append) is True and lines == [] and asked

@@ -98,7 +98,7 @@ def _cfg(feats, **kw):
 
 
 def test_training_batches_carry_one_view_per_caption(tmp_path):
-    from pipeline.training.train import setup
+    from pipeline.training.state import setup
     feats = flip_store(tmp_path / "f.h5", {"train": 6, "val": 2})
     state, data, _ = setup(_cfg(feats), DecoderConfig(**SMALL), tmp_path / "run", resume=False, overrides={},
                            echo=lambda _: None)

@@ -422,15 +422,15 @@ def test_self_critical_training_raises_the_mean_reward(tmp_path):
 def test_reward_end_token_setting_and_old_runs(feats, tmp_path, monkeypatch):
     """--scst-reward-end is on by default; a run saved before the setting existed resumes with the reward it
     was trained with (no end token: config.LEGACY), not today's default."""
-    import pipeline.training.train as train_mod
+    import pipeline.training.data as data_mod
     seen = []
 
-    class Recording(train_mod.SelfCritical):
+    class Recording(data_mod.SelfCritical):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             seen.append((kw["end_token"], {r: refs[0] for r, refs in self.refs.items()}))
 
-    monkeypatch.setattr(train_mod, "SelfCritical", Recording)
+    monkeypatch.setattr(data_mod, "SelfCritical", Recording)
     xe = tmp_path / "xe"
     train(_cfg(feats, max_steps=1), DecoderConfig(**SMALL), xe, echo=_quiet)
     kw = dict(objective="scst", init_from=str(xe), batch_size=4, scst_samples=2)

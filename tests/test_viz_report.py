@@ -213,12 +213,12 @@ def test_browse_refuses_several_runs_and_an_images_folder_that_holds_none(tmp_pa
 def test_browse_disk_full_is_one_error(tmp_path, monkeypatch):
     """write_site called runs.disk_error, which does not exist: a full disk was an AttributeError."""
     import errno
-    from pipeline.reporting import browse as browse_mod
+    from pipeline.reporting import browse_site
     from pipeline.reporting.browse import RunResult, SiteData, write_site
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(browse_mod, "_write", full)
+    monkeypatch.setattr(browse_site, "_write", full)
     data = SiteData("t", "val", ["0"], [None], [["a red circle"]],
                     [RunResult("r", [["a"]], [np.zeros((1, 196), np.float32)], [None])])
     with pytest.raises(UserError, match=r"site: could not be written \(the disk is full"):

@@ -97,7 +97,7 @@ def load_init(model, init_model) -> None:
 
 
 def training_model(dcfg: DecoderConfig, vocab_size: int, st, cfg, *, resumed: bool, init_model=None):
-    """train.setup's model: build_decoder for the store `st` with TrainConfig `cfg` (--weights-dir, --top-lr
+    """training.state.setup's model: build_decoder for the store `st` with TrainConfig `cfg` (--weights-dir, --top-lr
     0 freezes the top), the top pretrained unless a checkpoint or a topped --init-from run brings its own,
     then the --init-from weights (load_init)."""
     model = build_decoder(dcfg, vocab_size, st.feature_dim, st.provenances, weights_dir=cfg.weights_dir,

@@ -66,7 +66,7 @@ def describe(captioner) -> dict:
 
 def caption_response(c, grid, seconds: float, label: str) -> dict:
     """JSON of one captioned photo: every beam with its words, score and attention maps."""
-    from pipeline.reporting.browse import quantize_maps
+    from pipeline.reporting.browse_site import quantize_maps
     import base64
     beams = [{"caption": b.caption, "words": b.words, "score": round(float(b.score), 4), "ended": bool(b.ended),
               "maps": base64.b64encode(quantize_maps(b.alphas.numpy())).decode()} for b in c.beams]

@@ -5,7 +5,7 @@
       config.json        the run's settings (train + decoder), its features (paths + provenance), vocab
                          size; rewritten whenever `--resume` changes a setting
       vocab.json         the vocabulary (text.Vocab)
-      best.pt, last.pt   checkpoint dicts (train.TrainState.to_checkpoint builds them, in one place);
+      best.pt, last.pt   checkpoint dicts (state.TrainState.to_checkpoint builds them, in one place);
                          best.pt is written before last.pt, so last.pt never records a best epoch
                          that best.pt does not hold
       log.jsonl, log.csv one line per epoch (LOG_FIELDS), curves.png
@@ -41,7 +41,7 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-# The keys of a checkpoint (train.TrainState.to_checkpoint); one outside these is refused, naming the file.
+# The keys of a checkpoint (state.TrainState.to_checkpoint); one outside these is refused, naming the file.
 CHECKPOINT_KEYS = frozenset({
     "format_version", "model", "optimizer", "scheduler", "rng", "epoch", "batch_in_epoch", "step", "best_score",
     "best_epoch", "bad_epochs", "history", "epoch_acc", "select_metric", "vocab", "decoder_config", "train_config",
