@@ -88,7 +88,7 @@ def test_unk_is_never_in_the_results(store_vocab, tmp_path, monkeypatch):
 
 def test_auto_max_len(store_vocab, tmp_path):
     st, _ = store_vocab
-    run = lambda ckpt: SimpleNamespace(ckpt=ckpt, run_dir=tmp_path)            # noqa: E731
+    run = lambda ckpt: SimpleNamespace(ckpt=ckpt, run_dir=tmp_path, which="best")            # noqa: E731
     auto = ScoreConfig()
     assert decoding.resolve_max_len(auto, (), st)[0] == 8                        # no run: every train caption
     n, rule = decoding.resolve_max_len(auto, [run({"train_config": {"max_len": 6}})], st)

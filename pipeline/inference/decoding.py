@@ -39,8 +39,9 @@ def resolve_max_len(cfg, loaded: Sequence = (), store=None, *, log=print) -> tup
         try:
             store = runs.open_run_features(loaded[0].ckpt, loaded[0].run_dir, None)
         except (UserError, OSError) as e:
-            log(f"max-len auto: the run's features cache is not readable ({e}); using its training --max-len "
-                f"{limit}.")
+            if loaded[0].which != "shipped":       # a shipped model carries its card's length: nothing to say
+                log(f"max-len auto: the run's features cache is not readable ({e}); using its training "
+                    f"--max-len {limit}.")
     caps = store.captions_of("train")[1] if store is not None else []
     n = longest_kept_caption(caps, limit)
     if n:
