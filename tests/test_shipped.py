@@ -1,7 +1,7 @@
 """Shipped models (pipeline/inference/shipped.py, export.py): the models/<name>/ format, its checks, and
 score / caption / browse / models with --model. A tiny run (tiny backbone of test_extract, a cache made
 with helpers_store) is exported once per module; the real models under models/ reproduce their cards
-in test_real_models_reproduce_their_cards (skips without them or ../shared)."""
+in tests/test_shipped_real.py (skips without them or ../shared)."""
 from __future__ import annotations
 
 import json
@@ -251,36 +251,3 @@ def test_browse_with_a_model_writes_under_runs(here):
     code, out = cli("browse", "--model", "tiny", "--split", "val", "--workers", "1", "--beam", "2")
     assert code == 0, out
     assert (here["root"] / "runs" / "model_tiny" / "browse_val" / "index.html").is_file()
-
-
-# -- the real shipped models ------------------------------------------------------------------------------
-def _real_models() -> list:
-    root = REPO / "models"
-    return sorted(p.parent.name for p in root.glob(f"*/{shipped.MANIFEST}")) if root.is_dir() else []
-
-
-@pytest.mark.slow
-@pytest.mark.spice                    # the card's scores include SPICE when `make spice` installed it
-@pytest.mark.parametrize("name", _real_models() or [pytest.param(None, marks=pytest.mark.skip(
-    reason="no shipped model under models/ yet (`pipeline export RUN --name NAME` adds one)"))])
-def test_real_models_reproduce_their_cards(name, monkeypatch, tmp_path):
-    """`pipeline score --model NAME --split val` (the card's command) gives the card's val scores."""
-    if not SHARED.is_dir():
-        pytest.skip(f"no Flickr8k at {SHARED} (the shared data set)")
-    monkeypatch.delenv(shipped.ENV, raising=False)
-    m = shipped.read_manifest(REPO / "models" / name)
-    loaded = shipped.load_model(name)                                  # sha256s checked
-    try:
-        shipped.check_cache([loaded])
-    except UserError as e:
-        pytest.skip(str(e))
-    feats = [str(Path(f["path"]).resolve()) for f in loaded.features]  # relative to the repo root: resolve before chdir
-    monkeypatch.chdir(tmp_path)                                        # results go to tmp_path/runs/model_NAME
-    args = m["scores"]["command"].split()[2:]
-    code, out = cli("score", *args, *[x for p in feats for x in ("--features", p)])
-    assert code == 0, out
-    got = json.loads(sorted((tmp_path / "runs" / f"model_{name}").glob("scores_val*.json"))[-1].read_text())
-    card = m["scores"][m["scores"]["stored"]]["metrics"]
-    if "SPICE" not in got["metrics"]:                                  # no `make spice` here: the rest must match
-        card = {k: v for k, v in card.items() if k != "SPICE"}
-    assert got["metrics"] == pytest.approx(card, abs=1e-6)

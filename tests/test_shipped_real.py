@@ -1,0 +1,54 @@
+"""The real shipped models under models/: `pipeline score --model NAME --split val` (each card's command)
+gives the card's val scores. Its own module: tests/test_shipped.py's tiny fixtures switch METEOR off for
+the whole of their module, and the cards hold METEOR."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.inference import shipped
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "flickr8k"
+
+
+def cli(*args) -> tuple[int, str]:
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return res.exit_code, res.output
+
+def _real_models() -> list:
+    root = REPO / "models"
+    return sorted(p.parent.name for p in root.glob(f"*/{shipped.MANIFEST}")) if root.is_dir() else []
+
+
+@pytest.mark.slow
+@pytest.mark.spice                    # the card's scores include SPICE when `make spice` installed it
+@pytest.mark.parametrize("name", _real_models() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no shipped model under models/ yet (`pipeline export RUN --name NAME` adds one)"))])
+def test_real_models_reproduce_their_cards(name, monkeypatch, tmp_path):
+    """`pipeline score --model NAME --split val` (the card's command) gives the card's val scores."""
+    if not SHARED.is_dir():
+        pytest.skip(f"no Flickr8k at {SHARED} (the shared data set)")
+    monkeypatch.delenv(shipped.ENV, raising=False)
+    m = shipped.read_manifest(REPO / "models" / name)
+    loaded = shipped.load_model(name)                                  # sha256s checked
+    try:
+        shipped.check_cache([loaded])
+    except UserError as e:
+        pytest.skip(str(e))
+    feats = [str(Path(f["path"]).resolve()) for f in loaded.features]  # relative to the repo root: resolve before chdir
+    monkeypatch.chdir(tmp_path)                                        # results go to tmp_path/runs/model_NAME
+    args = m["scores"]["command"].split()[2:]
+    code, out = cli("score", *args, *[x for p in feats for x in ("--features", p)])
+    assert code == 0, out
+    got = json.loads(sorted((tmp_path / "runs" / f"model_{name}").glob("scores_val*.json"))[-1].read_text())
+    card = m["scores"][m["scores"]["stored"]]["metrics"]
+    if "SPICE" not in got["metrics"]:                                  # no `make spice` here: the rest must match
+        card = {k: v for k, v in card.items() if k != "SPICE"}
+    assert got["metrics"] == pytest.approx(card, abs=1e-6)
