@@ -29,7 +29,7 @@ from bench_train import caption_lengths  # noqa: E402
 from pipeline.config import DecoderConfig  # noqa: E402
 from pipeline.decoder.topped import build_decoder, param_groups  # noqa: E402
 from pipeline.training.batching import BucketBatchSampler, select_lengths  # noqa: E402
-from pipeline.training.objectives import xe_loss  # noqa: E402
+from bench_train import xe_step  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 EPOCH_STEPS = 485          # Flickr8k: 30,000 train captions (<= 30 words) in batches of 64 captions of one length
 
@@ -41,20 +41,7 @@ def run(layer: str, batches, lengths, args, device) -> dict:
     opt = torch.optim.Adam(param_groups(model, 1e-4), lr=4e-4, fused=True)       # as train.py
     params = [p for p in model.parameters() if p.requires_grad]
     pool = torch.randn(256, 196, 512).half()                          # an fp16 "cache" in RAM
-    use_amp = device.type == "cuda"
-
-    def step(b):
-        n = int(lengths[b[0]])
-        x = pool[torch.randint(0, len(pool), (len(b),))].to(device, torch.float32)   # (B, 196, 512)
-        y = torch.randint(4, args.vocab, (len(b), n + 2), device=device)             # (B, T+1)
-        y[:, 0], y[:, -1] = 1, 2
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(x, y)
-        loss, _ = xe_loss(model, out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
+    step = xe_step(model, opt, params, pool, lengths, args.vocab, device)
 
     for b in batches[: args.warmup]:
         step(b)

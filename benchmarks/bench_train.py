@@ -62,6 +62,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+
+def xe_step(model, opt, params, pool, lengths, vocab: int, device):
+    """One real cross-entropy training step (as train.py's) on a batch of caption indices `b`, with features
+    drawn from `pool` (an fp16 "cache" in RAM, (P, L, C)) and random words of the batch's length."""
+    use_amp = device.type == "cuda"
+
+    def step(b):
+        n = int(lengths[b[0]])
+        x = pool[torch.randint(0, len(pool), (len(b),))].to(device, torch.float32)   # (B, L, C)
+        y = torch.randint(4, vocab, (len(b), n + 2), device=device)                  # (B, T+1)
+        y[:, 0], y[:, -1] = 1, 2
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x, y)
+        loss, _ = xe_loss(model, out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+    return step
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=25, help="timed training steps")
@@ -90,20 +110,7 @@ def main():
     model = Decoder(cfg, args.vocab, args.feature_dim).to(device).train()
     opt = torch.optim.Adam(model.parameters(), 4e-4, fused=True)   # as train.py
     pool = torch.randn(256, args.regions, args.feature_dim).half()     # fp16 "cache" in RAM
-    use_amp = device.type == "cuda"
-
-    def step(b):
-        n = int(lengths[b[0]])
-        x = pool[torch.randint(0, len(pool), (len(b),))].to(device, torch.float32)   # (B, L, C)
-        y = torch.randint(4, args.vocab, (len(b), n + 2), device=device)             # (B, T+1)
-        y[:, 0], y[:, -1] = 1, 2
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(x, y)
-        loss, _ = xe_loss(model, out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
+    step = xe_step(model, opt, list(model.parameters()), pool, lengths, args.vocab, device)
 
     gemm_before = gemm_gflops(device)
     for b in batches[: args.warmup]:
