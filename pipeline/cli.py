@@ -271,7 +271,15 @@ def train_cmd(features, run_dir, resume, **kw):
         raise UserError(f"{run_dir}: --resume continues the run's decoder as it is; "
                         f"{', '.join('--' + k.replace('_', '-') for k in dkw)} cannot change.")
     train(config.TrainConfig(**tkw) if features else None, config.DecoderConfig(**dkw), run_dir, resume=resume,
-          overrides=tkw, echo=click.echo)
+          overrides=tkw, echo=click.echo, init_loader=_init_loader(tkw.get("init_from")))
+
+
+def _init_loader(ref):
+    """--init-from a shipped model (models/NAME or a folder with model.json): its loader; a run: None (train's own)."""
+    from pipeline.inference import shipped
+    if ref and shipped.find_model(ref) is not None:
+        return lambda r, log: shipped.load_model(shipped.find_model(r), log=log)
+    return None
 
 
 # ---- decoding, scoring, captioning, reports -----------------------------------------------------

@@ -147,7 +147,8 @@ class TrainConfig(DecodingRules):
     objective: str = setting("xe", "xe: cross-entropy with teacher forcing (the paper); scst: self-critical "
                                    "sequence training with a CIDEr-D reward (needs --init-from).", choices=("xe", "scst"))
     init_from: str = setting("", "Start from this run's best.pt weights, decoder settings and vocabulary "
-                                 "(a new run; e.g. SCST after cross-entropy).")
+                                 "(a new run; e.g. SCST after cross-entropy), or from a shipped model's "
+                                 "(a models/ name or folder, `pipeline models`).")
     epochs: int = setting(20, "Epochs in total.", ge=1)
     batch_size: int = setting(64, "xe: captions per step (one length each); scst: images per step.", ge=1)
     optimizer: str = setting("adam", "adam, adamw (decoupled weight decay) or rmsprop (the paper's for Flickr8k).",

@@ -413,7 +413,11 @@ def test_changed_picture_is_reextracted_not_paired_with_refreshed_captions(tmp_p
     assert "1 picture(s) changed" in out_msg and "001.jpg" in out_msg and "refreshed the file's captions" in out_msg
     st = readers.FeatureStore.open(out)
     fresh = readers.FeatureStore.open(run(recaptioned, tmp_path / "fresh.h5").path).load_features()
-    np.testing.assert_array_equal(st.load_features(), fresh)             # row 1 from the new picture
+    got = st.load_features()
+    np.testing.assert_array_equal(np.delete(got, 1, 0), np.delete(fresh, 1, 0))     # the other rows kept
+    # row 1 from the new picture: computed alone here, in a batch of 8 in `fresh` (the convolution may sum in
+    # another order for another batch size: measured 1e-7 apart in one element of 9408, one thread)
+    np.testing.assert_allclose(got[1], fresh[1], rtol=1e-5, atol=1e-6)
     assert not np.array_equal(old[1], fresh[1]) and np.array_equal(np.delete(old, 1, 0), np.delete(fresh, 1, 0))
     assert st.captions_of("val")[1][:2] == recaptioned[1].captions
     assert st.provenance["images_sha256"] != before.provenance["images_sha256"]

@@ -251,3 +251,23 @@ def test_browse_with_a_model_writes_under_runs(here):
     code, out = cli("browse", "--model", "tiny", "--split", "val", "--workers", "1", "--beam", "2")
     assert code == 0, out
     assert (here["root"] / "runs" / "model_tiny" / "browse_val" / "index.html").is_file()
+
+
+def test_train_init_from_a_shipped_model_starts_from_its_weights_and_vocabulary(here):
+    """`pipeline train --init-from NAME`: a models/ name (no run of that name) starts a new run from the shipped
+    weights, decoder settings and vocabulary, recorded in config.json; a run directory of the same name wins."""
+    from pipeline.training.runs import load_run
+    code, out = cli("train", "--features", "features/tiny.h5", "--init-from", "tiny32", "--epochs", "1",
+                    "--batch-size", "4", "--lr", "1e-12", "--run", "runs/from_tiny32", "--threads", "1")
+    assert code == 0, out
+    run, model = load_run("runs/from_tiny32", log=lambda *_: None), shipped.load_model("tiny32")
+    assert run.vocab.itos == model.vocab.itos
+    sd = model.model.state_dict()
+    assert all(torch.allclose(v.float(), sd[k].float(), atol=1e-6) for k, v in run.model.state_dict().items())
+    info = json.loads(Path("runs/from_tiny32/config.json").read_text())["init_from"]
+    assert info["which"] == "shipped" and Path(info["run"]).resolve() == (here["models"] / "tiny32").resolve()
+    assert shipped.find_model("runs/tiny_run") is None and shipped.find_model("tiny32") is not None
+    code, out = cli("train", "--features", "features/tiny.h5", "--init-from", "no_such_model", "--epochs", "1",
+                    "--run", "runs/nothing")
+    assert code == 2 and "--init-from no_such_model: no such run directory or shipped model" in out
+    assert not Path("runs/nothing").exists()

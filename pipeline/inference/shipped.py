@@ -82,6 +82,17 @@ def resolve_model(ref: ModelRef | str) -> Path:
                     f"({'shipped: ' + ', '.join(have) if have else 'none is there'}). `pipeline models` lists them.")
 
 
+def find_model(ref: str | Path) -> Path | None:
+    """`--init-from REF`'s shipped model: REF is a folder holding model.json, or a models/ name that is not a
+    path on disk (a run directory of that name wins); None otherwise."""
+    p = Path(ref)
+    if (p / MANIFEST).is_file():
+        return p
+    if not p.exists() and NAME_RE.match(str(ref)) and (models_dir() / str(ref) / MANIFEST).is_file():
+        return models_dir() / str(ref)
+    return None
+
+
 def read_manifest(model_dir: str | Path) -> dict:
     path = Path(model_dir) / MANIFEST
     try:
@@ -197,7 +208,7 @@ def load_model(ref: ModelRef | str, device="cpu", log=print) -> runs.LoadedRun:
         train_config["max_len"] = int(words)
     ckpt = {"features": _features(m), "feature_dim": int(m["feature_dim"]), "num_regions": int(m["num_regions"]),
             "decoder_config": m["decoder_config"], "vocab": vocab.to_dict(), "epoch": src.get("epoch"),
-            "train_config": train_config, "shipped": m["name"], "manifest": m}
+            "train_config": train_config, "shipped": m["name"], "manifest": m, "code_version": m.get("code_version")}
     return runs.LoadedRun(d, model.to(device).eval(), vocab, ckpt, "shipped")
 
 

@@ -178,8 +178,9 @@ def _resume_cfg(ckpt: dict, overrides: dict, run_dir: Path) -> TrainConfig:
 
 
 def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *, resume: bool, overrides: dict,
-          echo) -> tuple[TrainState, Data, dist_mod.DistInfo]:
-    """A new run (from cfg/dcfg, or from --init-from), or a resumed one (from last.pt)."""
+          echo, init_loader=None) -> tuple[TrainState, Data, dist_mod.DistInfo]:
+    """A new run (from cfg/dcfg, or from --init-from), or a resumed one (from last.pt). `init_loader(ref, log)`
+    loads --init-from as a LoadedRun (the app passes the shipped-model loader for a models/ folder); None: a run."""
     cfg, dcfg, ckpt = _settings(cfg, dcfg, run_dir, resume, overrides, echo)
     if not cfg.features:
         raise UserError("no feature file: pass --features FILE (several to fuse caches).")
@@ -189,7 +190,7 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
 
     init, init_info = None, None
     if ckpt is None and cfg.init_from:
-        init, init_info, dcfg = _init_from(cfg, st, echo)
+        init, init_info, dcfg = _init_from(cfg, st, echo, init_loader or load_init_run)
     elif ckpt is None and cfg.objective == "scst":
         raise UserError("--objective scst starts from a trained model: pass --init-from RUN (a cross-entropy run).")
 
@@ -217,7 +218,7 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
         np.random.seed(cfg.seed)
         echo(f"{len(data.sampler)} batches/epoch, vocab {len(vocab)}, {len(refs)} val images, features "
              f"{'in memory' if in_ram else 'read lazily'}, device {device}"
-             + (f", from {init.run_dir} ({init.which}.pt, epoch {init.ckpt['epoch']})" if init else ""))
+             + (f", from {init.run_dir} ({_which(init)}, epoch {init.ckpt['epoch']})" if init else ""))
     if dinfo.is_main:   # config.json says what the run is now (a --resume may have changed its settings)
         run_dir.mkdir(parents=True, exist_ok=True)
         vocab.save(run_dir / "vocab.json")
@@ -246,11 +247,22 @@ def _settings(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path
     return cfg, dcfg, ckpt
 
 
-def _init_from(cfg: TrainConfig, st, echo) -> tuple[runs.LoadedRun, dict, DecoderConfig]:
-    """--init-from RUN: its best.pt (else last.pt), checked against the cache `st`; its decoder settings, and
-    what the checkpoint records of it (`init_from`)."""
-    init = runs.load_run(cfg.init_from, which="best" if (Path(cfg.init_from) / "best.pt").exists() else "last",
-                         log=echo)
+def _which(init: runs.LoadedRun) -> str:
+    return "a shipped model" if init.which == "shipped" else f"{init.which}.pt"
+
+
+def load_init_run(ref: str, log) -> runs.LoadedRun:
+    """--init-from RUN: its best.pt, else last.pt."""
+    if not Path(ref).is_dir():
+        raise UserError(f"--init-from {ref}: no such run directory or shipped model. Pass a run made by "
+                        f"`pipeline train` (runs/NAME) or a shipped model's name (`pipeline models` lists them).")
+    return runs.load_run(ref, which="best" if (Path(ref) / "best.pt").exists() else "last", log=log)
+
+
+def _init_from(cfg: TrainConfig, st, echo, loader) -> tuple[runs.LoadedRun, dict, DecoderConfig]:
+    """--init-from: the run (or shipped model) `loader` loads, checked against the cache `st`; its decoder
+    settings, and what the checkpoint records of it (`init_from`)."""
+    init = loader(cfg.init_from, echo)
     check_init(init.ckpt, st, runs.check_features, where=f"--init-from {init.run_dir}")   # topped.py
     dcfg = DecoderConfig.from_dict(init.ckpt["decoder_config"])
     init_info = {"run": str(init.run_dir), "which": init.which, "epoch": init.ckpt["epoch"],

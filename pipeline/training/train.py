@@ -142,16 +142,17 @@ def evaluate(model, features: Features, refs: dict[int, list[str]], vocab: Vocab
 # -- the loop ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: str | Path, *, resume: bool = False,
           overrides: dict | None = None, echo: Callable[[str], None] = print,
-          on_step: Callable[[int, torch.Tensor], None] | None = None) -> dict:
+          on_step: Callable[[int, torch.Tensor], None] | None = None, init_loader=None) -> dict:
     """Train (or resume) a run. With resume=True and a last.pt in run_dir, the saved settings are used;
     `overrides` may change the RESUMABLE ones (epochs, max_minutes, features, ...). `on_step(step, loss)`
-    sees every step's detached loss (tests). Returns a summary dict."""
+    sees every step's detached loss (tests). `init_loader(ref, log)` loads --init-from (state.setup).
+    Returns a summary dict."""
     run_dir = Path(run_dir)
     new_dir = not run_dir.exists()
     try:
         with runs.run_lock(run_dir) if _rank0() else contextlib.nullcontext():
             return _train(cfg, dcfg, run_dir, resume, overrides or {}, echo if _rank0() else (lambda *_: None),
-                          on_step)
+                          on_step, init_loader)
     except runs.Finished as e:
         if _rank0():
             echo(str(e))
@@ -167,9 +168,10 @@ def train(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: str | Pa
             run_dir.rmdir()
 
 
-def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_step) -> dict:
+def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_step, init_loader) -> dict:
     meter = ComputeMeter()          # setup (reading the cache) counts too
-    state, data, dinfo = setup(cfg, dcfg, run_dir, resume=resume, overrides=overrides, echo=echo)
+    state, data, dinfo = setup(cfg, dcfg, run_dir, resume=resume, overrides=overrides, echo=echo,
+                               init_loader=init_loader)
     meter.gpus = int(state.device.type == "cuda")
     echo = echo if dinfo.is_main else (lambda *_: None)
     cfg, p, model = state.cfg, state.progress, state.model
