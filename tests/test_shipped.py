@@ -255,7 +255,7 @@ def test_browse_with_a_model_writes_under_runs(here):
 
 def test_train_init_from_a_shipped_model_starts_from_its_weights_and_vocabulary(here):
     """`pipeline train --init-from NAME`: a models/ name (no run of that name) starts a new run from the shipped
-    weights, decoder settings and vocabulary, recorded in config.json; a run directory of the same name wins."""
+    weights, decoder settings and vocabulary, recorded in config.json; a run directory is not taken for a model."""
     from pipeline.training.runs import load_run
     code, out = cli("train", "--features", "features/tiny.h5", "--init-from", "tiny32", "--epochs", "1",
                     "--batch-size", "4", "--lr", "1e-12", "--run", "runs/from_tiny32", "--threads", "1")
