@@ -277,9 +277,8 @@ def train_cmd(features, run_dir, resume, **kw):
 def _init_loader(ref):
     """--init-from a shipped model (models/NAME or a folder with model.json): its loader; a run: None (train's own)."""
     from pipeline.inference import shipped
-    if ref and shipped.find_model(ref) is not None:
-        return lambda r, log: shipped.load_model(shipped.find_model(r), log=log)
-    return None
+    model_dir = shipped.find_model(ref) if ref else None
+    return None if model_dir is None else (lambda _ref, log: shipped.load_model(model_dir, log=log))
 
 
 # ---- decoding, scoring, captioning, reports -----------------------------------------------------

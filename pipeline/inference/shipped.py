@@ -86,11 +86,12 @@ def find_model(ref: str | Path) -> Path | None:
     """`--init-from REF`'s shipped model: REF is a folder holding model.json, or a models/ name that is not a
     path on disk (a run directory of that name wins); None otherwise."""
     p = Path(ref)
-    if (p / MANIFEST).is_file():
-        return p
-    if not p.exists() and NAME_RE.match(str(ref)) and (models_dir() / str(ref) / MANIFEST).is_file():
-        return models_dir() / str(ref)
-    return None
+    if p.exists() and not (p / MANIFEST).is_file():
+        return None
+    try:
+        return resolve_model(ref)
+    except UserError:
+        return None
 
 
 def read_manifest(model_dir: str | Path) -> dict:
