@@ -9,6 +9,7 @@ WEIGHTS_DIR ?= weights
 FEATURES ?= features/$(DATASET)_$(BACKBONE).h5
 RUN     ?= runs/$(DATASET)_$(BACKBONE)_soft
 ATTENTION ?= soft
+PRECISION ?= auto
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-fast demo weights efficientnet serve spice resmem extract train score bench bench-extract bench-train bench-decode gpu-check clean
@@ -54,7 +55,7 @@ resmem: venv
 extract: venv
 	@if [ "$(BACKBONE)" = vgg19 ]; then $(MAKE) --no-print-directory weights; fi
 	@if [ "$(BACKBONE)" = efficientnet_lite2 ]; then $(MAKE) --no-print-directory efficientnet; fi
-	$(PIPE) extract --dataset $(DATASET) --backbone $(BACKBONE) --weights-dir $(WEIGHTS_DIR) --out $(FEATURES) $(EXTRACT_ARGS)
+	$(PIPE) extract --dataset $(DATASET) --backbone $(BACKBONE) --weights-dir $(WEIGHTS_DIR) --out $(FEATURES) --precision $(PRECISION) $(EXTRACT_ARGS)
 
 train: venv
 	$(PIPE) train --features $(FEATURES) --attention $(ATTENTION) --run $(RUN) $(TRAIN_ARGS)

@@ -33,6 +33,7 @@ from pipeline.config import DecoderConfig, TrainConfig  # noqa: E402
 from pipeline.decoder.model import Decoder  # noqa: E402
 from pipeline.training.objectives import CrossEntropy, SelfCritical, TrainCiderD, reward_references, tokenized  # noqa: E402
 from pipeline.data.text import Vocab  # noqa: E402
+from pipeline.device import tune_cpu_allocator  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
 
@@ -78,6 +79,7 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cpu")
+    tune_cpu_allocator()                    # as train.py does on CPU
 
     refs, source = train_references()
     t0 = time.perf_counter()

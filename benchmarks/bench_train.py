@@ -30,6 +30,8 @@ from pipeline.training.batching import BucketBatchSampler, select_lengths  # noq
 from pipeline.decoder.model import Decoder, DecoderConfig, count_flops  # noqa: E402
 from pipeline.training.objectives import xe_loss  # noqa: E402
 from pipeline.data.text import tokenize  # noqa: E402
+from pipeline.decoder import fused  # noqa: E402
+from pipeline.device import tune_cpu_allocator  # noqa: E402
 
 TOKENS = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flickr8k.token.txt"
 # Flickr8k words-per-caption histogram (text.tokenize), lengths 1..30, used when the token file is absent.
@@ -82,6 +84,18 @@ def xe_step(model, opt, params, pool, lengths, vocab: int, device):
         opt.step()
     return step
 
+def _timed(step, batches, warmup: int, device) -> tuple[float, float]:
+    """(wall s, CPU s of this process) of the steps after `warmup` (untimed) steps."""
+    for b in batches[:warmup]:
+        step(b)
+    _sync(device)
+    t, c = time.perf_counter(), time.process_time()
+    for b in batches[warmup:]:
+        step(b)
+    _sync(device)
+    return time.perf_counter() - t, time.process_time() - c
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=25, help="timed training steps")
@@ -95,6 +109,10 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="also time the eager step (no fused kernels, no deferred weight gradients) in this run: "
+                         "first as before (allocator untuned), then alternating with the optimised step")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations with --compare-eager (best of each)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,22 +131,32 @@ def main():
     step = xe_step(model, opt, list(model.parameters()), pool, lengths, args.vocab, device)
 
     gemm_before = gemm_gflops(device)
-    for b in batches[: args.warmup]:
-        step(b)
-    _sync(device)
     timed = batches[args.warmup:]
-    t, c = time.perf_counter(), time.process_time()
-    for b in timed:
-        step(b)
-    _sync(device)
-    dt, cpu = time.perf_counter() - t, time.process_time() - c
+    eager = {}
+    if args.compare_eager:       # today's step first: eager kernels, the allocator as glibc leaves it
+        fused.set_eager(True)
+        eager["untuned"] = _timed(step, batches, args.warmup, device)
+    if device.type == "cpu":
+        tune_cpu_allocator()     # as train.py does on CPU
+    if args.compare_eager:       # then alternate eager / optimised, best of --rounds each
+        runs = []
+        for _ in range(args.rounds):
+            fused.set_eager(True)
+            runs.append(("eager", _timed(step, batches, args.warmup, device)))
+            fused.set_eager(False)
+            runs.append(("fast", _timed(step, batches, args.warmup, device)))
+        eager["tuned"] = min((r for k, r in runs if k == "eager"), key=lambda r: r[0])
+        dt, cpu = min((r for k, r in runs if k == "fast"), key=lambda r: r[0])
+    else:
+        fused.set_eager(False)
+        dt, cpu = _timed(step, batches, args.warmup, device)
     gemm_after = gemm_gflops(device)
 
     caps = sum(len(b) for b in timed)
     words = sum(len(b) * (int(lengths[b[0]]) + 1) for b in timed)
     flops = count_flops(cfg, args.vocab, args.feature_dim, args.regions, [int(lengths[i]) + 1 for b in timed for i in b])
     gemm = (gemm_before + gemm_after) / 2
-    res = {"device": str(device), "threads": torch.get_num_threads(), "attention": args.attention,
+    res = {"device": str(device), "fused_kernels": fused.available(), "threads": torch.get_num_threads(), "attention": args.attention,
            "steps": len(timed), "captions": caps, "seconds": round(dt, 3),
            "captions_per_s": round(caps / dt, 1), "words_per_s": round(words / dt, 1),
            # CPU seconds of this process: less sensitive to time-sharing with other processes
@@ -143,6 +171,11 @@ def main():
           f"({res['gemm_gflop_per_s']} GFLOP/s; before/after {res['gemm_before_after']}), "
           f"{res['steps']} steps of batch <= {args.batch_size}, {device}, {res['threads']} threads, "
           f"load average {res['loadavg']}; {res['captions_per_cpu_s']} captions per CPU-second")
+    for k, (edt, _) in eager.items():
+        res[f"eager_{k}_captions_per_s"] = round(caps / edt, 1)
+        res[f"speedup_vs_eager_{k}"] = round(edt / dt, 2)
+        print(f"eager step ({'allocator untuned, as before' if k == 'untuned' else 'allocator tuned'}): "
+              f"{res[f'eager_{k}_captions_per_s']} captions/s -> optimised step {res['speedup_vs_eager_' + k]}x")
     print(json.dumps(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -13,6 +13,7 @@ import click
 from pipeline import config
 from pipeline import demo as demo_mod     # (click and the standard library only: --help stays fast)
 from pipeline.extraction.backbones import BACKBONES
+from pipeline.inference.caption_batch import Options as CaptionFiles   # (base modules only: --help stays fast)
 from pipeline.errors import UserError
 
 
@@ -195,8 +196,10 @@ def spice(lib, archive):
                    "decoder [default: the final layer].")
 @click.option("--flip", is_flag=True, help="Also store each image's horizontally flipped view (/features_hflip) for "
                                            "`pipeline train --flip`.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True, help="auto: "
+              "bf16 where the backbone is marked safe and the CPU has bf16 units (or CUDA), else fp32 (docs/features.md).")
 def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_size, workers, force, skip_bad, device,
-            decode, merge, layer, flip):
+            decode, merge, layer, flip, precision):
     """Run a frozen backbone over every image once into an HDF5 cache (resumable)."""
     from pipeline.data import datasets
     from pipeline.extraction.extract import extract as run_extract
@@ -205,7 +208,7 @@ def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_si
     records = datasets.load_records(dataset, root)
     kw = dict(dataset=dataset, backbone=backbone, weights=weights_, weights_dir=weights_dir, dtype=dtype,
               batch_size=batch_size, workers=workers, force=force, skip_bad=skip_bad, device=device,
-              dataset_root=root, decode=decode, layer=layer, flip=flip)
+              dataset_root=root, decode=decode, layer=layer, flip=flip, precision=precision)
     from pipeline import distributed
     if distributed.env_world_size() > 1:   # torchrun: one shard per process (docs/distributed.md)
         from pipeline.extraction.sharded import extract_distributed
@@ -221,8 +224,8 @@ def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_si
     if res.computed == 0 and not res.bad:
         click.echo(f"{out}: already complete ({res.total} images); nothing to do (--force re-extracts).")
     else:
-        click.echo(f"{out}: {res.computed} images in {res.seconds:.0f}s ({res.images_per_s:.2f} img/s)"
-                   + (f"; {len(res.bad)} bad recorded in /bad" if res.bad else ""))
+        click.echo(f"{out}: {res.computed} images in {res.seconds:.0f}s ({res.images_per_s:.2f} img/s)" + (
+            f"; {len(res.bad)} bad recorded in /bad" if res.bad else "") + f" [{res.precision}]")
 
 
 @main.command()
@@ -267,11 +270,8 @@ def train_cmd(features, run_dir, resume, **kw):
             run_dir = Path("runs") / ("+".join(Path(f).stem for f in features) + f"_{dkw.get('attention', 'soft')}")
         else:
             raise UserError("--resume needs --run DIR (the run to continue).")
-    if resume and dkw and (run_dir / "last.pt").exists():
-        raise UserError(f"{run_dir}: --resume continues the run's decoder as it is; "
-                        f"{', '.join('--' + k.replace('_', '-') for k in dkw)} cannot change.")
     train(config.TrainConfig(**tkw) if features else None, config.DecoderConfig(**dkw), run_dir, resume=resume,
-          overrides=tkw, echo=click.echo, init_loader=_init_loader(tkw.get("init_from")))
+          overrides={**tkw, **dkw}, echo=click.echo, init_loader=_init_loader(tkw.get("init_from")))
 
 
 def _init_loader(ref):
@@ -300,28 +300,22 @@ def score(run_dirs, features, models, **kw):
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
 @click.option("--run", "run_dirs", type=click.Path(path_type=Path), multiple=True,
               help="Run directory [default: the run under runs/ with the newest checkpoint]; several: an ensemble.")
-@click.option("--attention", type=click.Path(path_type=Path), default=None,
-              help="Write the per-word attention maps to this PNG (several images: OUT_<image>.png).")
-@click.option("--weights", "weights_", multiple=True,
-              help="Backbone weights file: PATH, or BACKBONE=PATH when the run reads several backbones' caches.")
 @click.option("--model", "models", multiple=True, help=MODEL_HELP + " With neither --run nor --model and no "
               "run under runs/: the best shipped model whose backbone weights are here.")
+@click.option("--weights", "weights_", multiple=True,
+              help="Backbone weights file: PATH, or BACKBONE=PATH when the run reads several backbones' caches.")
+@options_from(CaptionFiles)
 @options_from(config.CaptionConfig)
-def caption(images, run_dirs, attention, weights_, models, **kw):
-    """Caption IMAGES with a trained run or a shipped model (prints IMAGE<TAB>caption)."""
-    from pipeline.inference.caption import attention_paths, caption_images, open_images
+def caption(images, run_dirs, models, weights_, **kw):
+    """Caption photos (files or folders) with a run or shipped model: IMAGE<TAB>caption, or rows to --out (resumable)."""
+    from pipeline.inference.caption_batch import caption_command
     from pipeline.reporting.viz import attention_figure
     cfg = config.CaptionConfig(**given(config.CaptionConfig, kw), weights=tuple(weights_))
-    results = caption_images(images, members(run_dirs, models), cfg, log=click.echo)
-    for r in results:
-        click.echo(f"{r.path}\t{r.caption}")
-    if attention:
-        for r, out, im in zip(results, attention_paths(attention, images), open_images(images)):
-            attention_figure(im, r.words, r.alphas.numpy(), out, grid=r.grid, title=r.path.name)
-            click.echo(f"attention: {out}")
+    caption_command(images, run_dirs, models, cfg, CaptionFiles(**given(CaptionFiles, kw)), draw=attention_figure,
+                    echo=click.echo)
 
 
 @main.command()
@@ -329,10 +323,12 @@ def caption(images, run_dirs, attention, weights_, models, **kw):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/report.md"), show_default=True,
               help="Markdown table; the val BLEU-4 curves go next to it as .png.")
 @click.option("--curves", is_flag=True, help="Also draw each run's training curves (RUN/curves.png) if missing.")
-def report(run_dirs, out, curves):
+@click.option("--by-seed", is_flag=True, help="Runs that differ only in --seed as one row: each score the mean "
+              "± sample sd over the seeds, the seeds listed, compute summed (docs/training.md).")
+def report(run_dirs, out, curves, by_seed):
     """One table over runs (default runs/*) with val/test metrics, plus val BLEU-4 curves."""
     from pipeline.reporting.report import find_runs, make_report
-    make_report(run_dirs, out, log=click.echo)
+    make_report(run_dirs, out, log=click.echo, by_seed=by_seed)
     if curves:
         from pipeline.training.curves import plot_curves
         for d in find_runs(run_dirs):
@@ -447,9 +443,8 @@ def serve(models, run_dirs, weights_, **kw):
 def demo(out, n_train, n_val, n_test, epochs, backbone, weights_dir):
     """Run the whole pipeline on the embedded synthetic shapes set (CPU, a few minutes)."""
     from pipeline.demo import run_demo
-    run_demo(lambda args: main.main(args=args, prog_name="pipeline", standalone_mode=False),
-             out, train=n_train, val=n_val, test=n_test, epochs=epochs, weights_dir=weights_dir,
-             backbone=backbone)
+    run_demo(lambda args: main.main(args=args, prog_name="pipeline", standalone_mode=False), out, train=n_train,
+             val=n_val, test=n_test, epochs=epochs, weights_dir=weights_dir, backbone=backbone)
 
 if __name__ == "__main__":
     main()

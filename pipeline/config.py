@@ -64,11 +64,11 @@ def defaults(cls) -> dict:
 # run doing what it did (not today's default, which may have changed since). `from_dict` fills them in.
 LEGACY: dict[str, dict[str, Any]] = {
     "DecoderConfig": {"embed_dropout": 0.0, "context_dropout": 0.0, "hidden_dropout": 0.0,
-                      "reinforce_weight": 1.0, "entropy_weight": 0.002},
+                      "reinforce_weight": 1.0, "entropy_weight": 0.002, "sentinel": False},
     "TrainConfig": {"label_smoothing": 0.0, "weight_decay": 0.0, "lr_schedule": "plateau",
                     # val decoding before the decoding rules existed: no length norm, nothing masked
                     "length_norm": 0.0, "block_trigrams": False, "remove_bad_endings": False, "suppress_unk": False,
-                    "scst_reward_end": False},
+                    "scst_reward_end": False, "ema": 0.0},
 }
 
 
@@ -99,6 +99,9 @@ class DecoderConfig:
     alpha_c: float = setting(1.0, "lambda of the doubly stochastic penalty (eq. 14); 0 turns it off.", ge=0)
     gate: bool = setting(True, "The scalar gate beta_t (4.2.1); off: z_t is the plain expectation.")
     deep_output_tanh: bool = setting(False, "Deviation: tanh before L_o, as the authors' code (eq. 7 has none).")
+    sentinel: bool = setting(False, "Adaptive attention (Lu et al. 2017, 2.3): a visual sentinel as an (L+1)-th "
+                                    "attention slot, so a word may come from the LSTM's memory instead of the "
+                                    "image (soft attention only; decoder/model.py).")
     # hard attention (4.1): the paper's variance reductions, eq. 12
     hard_expected_prob: float = setting(0.5, "Hard attention: per caption, train with the expected context "
                                              "with this probability.", ge=0, le=1)
@@ -111,6 +114,9 @@ class DecoderConfig:
 
     def __post_init__(self):
         check(self)
+        if self.sentinel and self.attention != "soft":
+            raise UserError(f"--sentinel needs --attention soft: {self.attention} attention reads one of the L "
+                            f"regions (4.1) and has no slot for the sentinel; drop --sentinel or use soft attention.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +162,10 @@ class TrainConfig(DecodingRules):
     lr: float = setting(4e-4, "Learning rate.", gt=0)
     weight_decay: float = setting(0.0, "Weight decay (L2 for adam/rmsprop, decoupled for adamw).", ge=0)
     grad_clip: float = setting(5.0, "Max global gradient norm (0: off).", ge=0)
+    ema: float = setting(0.0, "Exponential moving average of the decoder's weights, its decay per optimizer step "
+                              "(e.g. 0.999; 0: off). On: validation decodes with the average, which selects "
+                              "best.pt; best.pt and last.pt hold it as their model (last.pt also the weights "
+                              "being trained, to resume). docs/training.md.", ge=0, lt=1)
     label_smoothing: float = setting(0.1, "xe: label smoothing epsilon (0: the plain NLL).", ge=0, lt=1)
     lr_schedule: str = setting("plateau", "plateau: lr x lr-factor after lr-patience epochs without a better val "
                                           "score; step: lr x lr-factor every lr-step epochs; none.",
@@ -236,6 +246,9 @@ class CaptionConfig(BeamDecoding):
     device: str = setting("auto", "auto (cuda when available), cpu or cuda: the backbone and the decoder.",
                           choices=("auto", "cpu", "cuda"))
     weights_dir: str = setting("weights", "Where the backbone weights named by the run's features provenance are.")
+    precision: str = setting("auto", "The backbone's arithmetic: auto = bf16 where the backbone is marked safe and "
+                                     "the CPU has bf16 units (or on CUDA), else fp32 (docs/features.md).",
+                             choices=("auto", "fp32", "bf16"))
     weights: tuple = setting((), "Backbone weights file: PATH, or BACKBONE=PATH when the run reads several "
                                  "backbones' caches (repeatable).", cli=False)
 
@@ -280,6 +293,9 @@ class ServeConfig:
                                           "limit); larger ones get a message.", ge=1)
     max_pending: int = setting(8, "Uploads waiting or being captioned at once; more get a 'busy' message.", ge=1)
     timeout: float = setting(120.0, "Seconds an upload may wait for its caption before it gets a message.", gt=0)
+    host: str = setting("", "A further name the page is reached by (a reverse proxy's): requests are answered only "
+                            "when their Host is localhost, 127.0.0.1, [::1] or this name; it still listens on "
+                            "127.0.0.1 only.")
 
     def __post_init__(self):
         check(self)

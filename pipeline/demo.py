@@ -3,7 +3,9 @@
 synthetic images -> VGG19 features (HDF5) -> soft-attention decoder -> score val/test (with attention
 accuracy) -> caption two test images with attention maps -> the results browser of the val split.
 Every step is the same CLI command a user would type; the demo only strings them together and
-prints each command first.
+prints each command first. Run again over the same --out, each stage finds its work done (the data set and
+the cache are complete, the training `--resume`s a finished run, which only says so) or redoes it in place,
+so a second `make demo` succeeds and deletes nothing.
 
 The decoder trains a fixed number of epochs (not a time budget), so a fresh clone shows the same
 numbers on a busy machine as on an idle one, only later. Its settings are the demo's own (TRAIN_ARGS):

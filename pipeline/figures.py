@@ -14,11 +14,15 @@ def plt_agg():
 
 
 def save_figure(fig, out) -> Path:
-    """Lay out, write (creating the folder) and close `fig`; returns the path."""
+    """Lay out, write (creating the folder) and close `fig`; returns the path. The file is written like
+    every other (fileio.atomic_write): whole or not at all, and never through a link planted at `out`."""
+    from pipeline.fileio import atomic_write
     plt = plt_agg()
-    fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower() or "png", dpi=100))
+    finally:
+        plt.close(fig)
     return out

@@ -1,10 +1,13 @@
-"""Files that survive crashes and concurrent use: atomic writes, one clear error for a failed write
-(a full disk), and exclusive locks for the processes that write a run or a cache."""
+"""Files that survive crashes, concurrent use and careless hands: atomic writes, one clear error for a
+failed write (a full disk), exclusive locks for the processes that write a run or a cache, folders the
+project may write into (`is_own_dir`), and tensors read without running code (`torch_load`)."""
 from __future__ import annotations
 
 import errno
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -69,6 +72,48 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
+
+
+# -- folders the project owns ----------------------------------------------------------------------
+def is_own_dir(path: Path, marker: str) -> bool:
+    """Whether the project may write into (or replace) the folder `path`: it does not exist yet, is empty,
+    or holds `marker`, the file the project leaves in each folder it makes (a regular file: a link to one
+    does not count). A user's folder holding files of the same names as the project's is none of these."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():       # a dangling link: writing would create its target
+        return False
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    mark = path / marker
+    return not any(path.iterdir()) or (mark.is_file() and not mark.is_symlink())
+
+
+# -- tensors, read without running code --------------------------------------------------------------
+def torch_load(path: Path, what: str, *, mmap: bool = False):
+    """torch.load(weights_only=True) of a file the project wrote (tensors and plain values only). A file
+    that holds anything else (a pickled object: code that would run when loaded) is one UserError saying
+    it is not a `what` of this project and is not loaded, instead of torch's advice to load it unsafely.
+    mmap: map the tensors instead of reading them (cheap to inspect); a file of the old torch format is
+    then read in full."""
+    import torch
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e).split("WeightsUnpickler error:", 1)[-1]      # torch's reason, without its advice
+        parts = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+        why = next((p for p in parts if p and "weights_only" not in p and "torch.load" not in p), "not tensors only")
+        why = why.split(". Please")[0].rstrip(".")
+        raise UserError(f"{path}: cannot read {what} ({why}). It is not a {what} this project wrote (those hold "
+                        f"only tensors and plain values): another program's file, or a damaged or edited one. It is "
+                        f"not loaded, as loading it could run code it carries; restore it from where it came, or "
+                        f"remove it.") from None
 
 
 # -- locks -------------------------------------------------------------------------------------

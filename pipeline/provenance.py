@@ -1,5 +1,6 @@
 """What made an artefact: code version, hashes (checked wherever two artefacts meet), and what it
-cost (ComputeMeter: wall, CPU and GPU seconds, recorded by extraction and training)."""
+cost (ComputeMeter: wall, CPU and GPU seconds, recorded by extraction and training; energy_kwh: an
+estimate of the energy from those seconds, its power figures defined here once)."""
 from __future__ import annotations
 
 import hashlib
@@ -82,3 +83,24 @@ def add_compute(total: dict | None, lap: dict) -> dict:
     for k in COMPUTE_KEYS:
         out[k] = round(float(out.get(k) or 0.0) + float(lap.get(k) or 0.0), 3)
     return out
+
+
+# -- energy: an estimate from the compute records (not a measurement) ------------------------------
+# Power per busy CPU-second: the TDP per core of an Intel Xeon Platinum 8480+ (350 W, 56 cores; Intel's
+# spec sheet), a 4th-generation Xeon Scalable (Sapphire Rapids) like the cloud "Intel Xeon Processor"
+# these runs used. One CPU-second (user + system, `cpu_seconds`) is counted as one core at TDP.
+CPU_WATTS_PER_CORE = 350.0 / 56
+# Power per GPU-second: an NVIDIA H100 SXM's maximum board power (700 W; NVIDIA's spec sheet). GPU seconds
+# are the wall seconds a GPU was held (ComputeMeter), busy or not, so this is an upper bound.
+GPU_WATTS = 700.0
+JOULES_PER_KWH = 3.6e6
+
+
+def energy_kwh(compute: dict | None) -> float | None:
+    """kWh = (cpu_s x CPU_WATTS_PER_CORE + gpu_s x GPU_WATTS) / 3.6e6 of a compute record (a cache's
+    `compute` attribute, a checkpoint's, summed log rows); None when it has no CPU seconds. It leaves out
+    memory, disks, idle power and the data centre's overhead (PUE)."""
+    if not isinstance(compute, dict) or compute.get("cpu_s") is None:
+        return None
+    return (float(compute["cpu_s"]) * CPU_WATTS_PER_CORE
+            + float(compute.get("gpu_s") or 0.0) * GPU_WATTS) / JOULES_PER_KWH

@@ -88,7 +88,7 @@ def _extract_both(tmp_path, weights, layers, *, backbone="vgg19", dtype="float16
         torch.manual_seed(0)                   # weights="random": the same random backbone every time
         p = tmp_path / f"{backbone}_{layer or 'final'}.h5"
         extract(recs, p, dataset="shapes", backbone=backbone, weights=weights, layer=layer, dtype=dtype,
-                progress=False, workers=0, device="cpu")
+                progress=False, workers=0, device="cpu", precision="fp32")    # the parity is fp32's
         out[layer] = FeatureStore.open(p)
     return out
 

@@ -242,7 +242,7 @@ def test_report_shows_compute_and_diversity(tmp_path, monkeypatch):
     md = (tmp_path / "runs" / "report.md").read_text()
     head = next(l for l in md.splitlines() if l.startswith("| run"))
     assert head.endswith("| val vocab | val novel % | val dist-1 | val dist-2 | val len | epochs | minutes | CPU h "
-                         "| extract min |")
-    assert "| 412 | 61.2 | 0.041 | 0.183 | 9.4 | 3 | 90.0 | 3.00 | 10.0 |" in md      # new
-    assert "| 3 | 3.0 |  | 10.0 |" in md                                              # old: no CPU hours
-    assert "| 3 | 4.0 | ≥0.30 | 10.0 |" in md                                          # resumed: 60 + 120 + 60 s
+                         "| kWh | extract min | extract kWh |")
+    assert "| 412 | 61.2 | 0.041 | 0.183 | 9.4 | 3 | 90.0 | 3.00 | 0.0187 | 10.0 |" in md      # new: 3 CPU h x 6.25 W
+    assert "| 3 | 3.0 |  |  | 10.0 |" in md                                              # old: no CPU hours
+    assert "| 3 | 4.0 | ≥0.30 | ≥0.00187 | 10.0 |" in md                                  # resumed: 60 + 120 + 60 s

@@ -59,8 +59,10 @@ def test_check_upload_refuses_each_bad_file_with_its_own_message():
     im = uploads.check_upload("ok.png", png_bytes(), cfg)
     assert im.size == (40, 30)
     cases = [(b"", 400, "ok.txt: the file is empty"), (b"just some text\n", 415, "not a readable image"),
-             (bomb_png(), 413, "ok.txt: refused by the decompression-bomb limit"),
-             (bomb_png(10000, 10000), 413, "100000000 pixels"),
+             (bomb_png(), 413, "ok.txt: the image has 900,000,000 pixels (30000x30000), over --max-pixels "
+                               "89,478,485 (a guard against decompression bombs). Downscale it, or, if you trust the "
+                               "file, restart pipeline serve with --max-pixels 900000000 or more."),
+             (bomb_png(10000, 10000), 413, "the image has 100,000,000 pixels (10000x10000), over --max-pixels"),
              (b"\0" * (LIMIT + 1), 413, "20.0 MB is over the 20 MB limit")]
     for data, status, msg in cases:
         with pytest.raises(uploads.UploadError) as e:
@@ -69,8 +71,20 @@ def test_check_upload_refuses_each_bad_file_with_its_own_message():
     with pytest.raises(uploads.UploadError, match="not base64"):
         uploads.decode_b64("x", "**not base64**", cfg)
     small = ServeConfig(max_pixels=1000)                           # the page's own pixel limit
-    with pytest.raises(uploads.UploadError, match=r"40x30 = 1,200 pixels, more than the 1,000 allowed"):
+    with pytest.raises(uploads.UploadError, match=r"ok.png: the image has 1,200 pixels \(40x30\), over --max-pixels "
+                                                  r"1,000 .* restart pipeline serve with --max-pixels 1200 or more"):
         uploads.check_upload("ok.png", png_bytes(), small)
+
+
+def test_max_pixels_is_the_limit_also_above_pillows_own(monkeypatch):
+    """--max-pixels raised over Pillow's decompression-bomb limit accepts the image (Pillow's limit, which
+    the message told the user nothing about, refused it), and Pillow's limit is left as it was."""
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)          # Pillow's limit under the 40x30 = 1,200 pixels
+    im = uploads.check_upload("ok.png", png_bytes(), ServeConfig(max_pixels=2000))
+    assert im.size == (40, 30) and Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(uploads.UploadError, match=r"1,200 pixels \(40x30\), over --max-pixels 1,100"):
+        uploads.check_upload("ok.png", png_bytes(), ServeConfig(max_pixels=1100))
 
 
 def test_upload_guard_refuses_large_bodies_and_too_many_at_once():
@@ -107,6 +121,110 @@ def test_upload_guard_refuses_large_bodies_and_too_many_at_once():
         assert [await t for t in held] == [(200, b"ok")] * 2
         assert await call(50, b"y" * 150) == (413, {"detail": "too large"})   # a body longer than it said
         assert guard.pending == 0
+    asyncio.run(scenario())
+
+
+BOUNDARY = "------------------------d74496d66958873e"
+
+
+def form(fields: dict, files: dict, boundary: str = BOUNDARY) -> tuple[bytes, str]:
+    """A multipart/form-data body as curl -F writes it, and its Content-Type."""
+    out = b""
+    for k, v in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+    for k, (filename, data) in files.items():
+        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{filename}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_form_upload_gives_the_first_file_byte_for_byte_and_refuses_garbage():
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 1000, 70_000):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes() + b"\r\n--" + BOUNDARY[:10].encode() + b"\r\n\r\n"
+        body, ctype = form({"note": "a field first"}, {"file": ("my photo.jpg", data), "second": ("b.jpg", b"x")})
+        assert uploads.from_multipart(ctype, body) == ("my photo.jpg", data)
+    no_file, ctype = form({"note": "no file"}, {})
+    for content_type, body, msg in ((ctype, no_file, "the form upload has no file field"),
+                                    ("multipart/form-data", no_file, "no boundary in its Content-Type"),
+                                    (ctype, b"\xff\xfe garbage \x00", "not a complete multipart body"),
+                                    (ctype, form({}, {"file": ("a.jpg", b"abc")})[0][:-12], "no closing boundary")):
+        with pytest.raises(uploads.UploadError) as e:
+            uploads.from_multipart(content_type, body)
+        assert e.value.status == 400 and msg in e.value.message and "curl -F file=@photo.jpg" in e.value.message
+
+
+def test_only_local_host_names_are_answered():
+    for host in ("127.0.0.1:8008", "localhost", "LocalHost:80", "localhost.:9", "[::1]:8008", "[::1]", None):
+        assert uploads.check_host(host) is None, host
+    for host in ("evil.example:8008", "127.0.0.1.evil.example", "localhost.evil.example", "[::2]:8008", "", "::1"):
+        msg = uploads.check_host(host)
+        assert msg.startswith(f"Host {host!r} is not a name of this server") and "--host NAME" in msg, host
+    assert uploads.check_host("photos.lan:8008", "Photos.LAN") is None             # --host adds one name
+    assert uploads.check_host("localhost:8008", "photos.lan") is None
+    assert "localhost, 127.0.0.1, [::1], photos.lan only" in uploads.check_host("evil.example", "photos.lan")
+
+
+async def _asgi(app, scope: dict, chunks: list[bytes]) -> tuple[int, dict]:
+    """One request through an ASGI app, the body in `chunks`; (status, JSON body)."""
+    pending = [{"type": "http.request", "body": c, "more_body": k < len(chunks) - 1} for k, c in enumerate(chunks)]
+    sent = []
+
+    async def receive():
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(msg):
+        sent.append(msg)
+    await app(dict({"type": "http", "method": "POST", "path": "/api/caption", "query_string": b"",
+                    "root_path": "", "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 8008)},
+                   **scope), receive, send)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def _caption_app():
+    """A FastAPI app with the server's guards and a caption route that parses the page's JSON (as LitServe's
+    route does: FastAPI turns what a body read raises into its own 400)."""
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from pipeline.serving.server import CAPTION_PATH, CaptionRequest, HostGuard, UploadGuard
+    app = FastAPI()
+
+    def caption(request):
+        return {"name": request.name, "bytes": len(base64.b64decode(request.data))}
+    caption.__annotations__ = {"request": CaptionRequest}          # (this module's annotations are strings)
+    app.post(CAPTION_PATH)(caption)
+    app.add_middleware(UploadGuard, max_body=1000, max_pending=2, message_large="The photo is over the limit.")
+    app.add_middleware(HostGuard, host="photos.lan")
+    return app
+
+
+def test_guards_in_front_of_the_caption_route():
+    """Chunked over the limit: 413 and the size message (FastAPI answered 400 'error parsing the body');
+    a form upload is captioned as the page's JSON (it was a 500); another Host than a local name: 400."""
+    app = _caption_app()
+    host = [(b"host", b"127.0.0.1:8008")]
+    ok = json.dumps({"name": "a.png", "data": base64.b64encode(b"abc").decode()}).encode()
+
+    async def scenario():
+        chunked = [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")]
+        assert await _asgi(app, {"headers": host + chunked}, [ok]) == (200, {"name": "a.png", "bytes": 3})
+        assert await _asgi(app, {"headers": host + chunked}, [b"x" * 600] * 3) == (
+            413, {"detail": "The photo is over the limit."})
+        body, ctype = form({"note": "hi"}, {"file": ("photo.jpg", b"\xff\xd8\xff\xe0 binary")})
+        multipart = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
+        assert await _asgi(app, {"headers": host + multipart}, [body[:50], body[50:]]) == (
+            200, {"name": "photo.jpg", "bytes": 11})
+        status, res = await _asgi(app, {"headers": host + multipart[:1]}, [b"\xff\xfe\x00 not a form"])
+        assert status == 400 and res["detail"].startswith("the form upload is not a complete multipart body")
+        status, res = await _asgi(app, {"headers": host + [(b"content-type", b"image/jpeg")]}, [b"\xff\xd8"])
+        assert status == 415 and res["detail"].startswith("POST /api/caption takes JSON or a form upload, not "
+                                                          "image/jpeg")
+        for name, status in ((b"evil.example:8008", 400), (b"photos.lan", 200), (b"localhost:1", 200)):
+            got, res = await _asgi(app, {"headers": [(b"host", name), chunked[0]]}, [ok])
+            assert got == status and (status == 200 or "is not a name of this server" in res["detail"]), (name, res)
+        rebound = {"method": "GET", "path": "/health", "headers": [(b"host", b"evil.example")]}
+        got, res = await _asgi(app, rebound, [b""])
+        assert got == 400 and res["detail"].startswith("Host 'evil.example' is not a name of this server")
     asyncio.run(scenario())
 
 
@@ -150,35 +268,46 @@ def post(base: str, name: str, data: bytes, timeout=120) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):  # noqa: F811
+def site(tiny, tmp_path_factory):  # noqa: F811
+    """A folder with the sitecustomize.py that gives `pipeline serve`'s processes the tiny backbone."""
     pytest.importorskip("litserve", reason="the serve extra is not installed: make serve (pip install -e '.[serve]')")
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(
         f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
         "from pipeline.extraction import backbones\nfrom test_extract import tiny_spec\n"
         "backbones.BACKBONES.setdefault('tiny', tiny_spec('tiny'))\n")
-    port = _free_port()
+    return site
+
+
+def start_server(tiny, site: Path, port: int, *options: str) -> subprocess.Popen:  # noqa: F811
+    """`pipeline serve --model tiny` on `port` in a session of its own, once /health answers."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
                PIPELINE_MODELS=str(tiny["models"]), OMP_NUM_THREADS="1")
-    log = open(site / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", "tiny", "--port", str(port),
-                             "--device", "cpu"], cwd=tiny["root"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log_path = site / f"server_{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", "tiny", "--port", str(port),
+                                 "--device", "cpu", *options], cwd=tiny["root"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900              # a loaded 2-core machine: minutes
     while True:
         try:
             if _get(base + "/health", 2)[0] == 200:
-                break
+                return proc
         except (OSError, urllib.error.URLError):
             pass
         if proc.poll() is not None or time.time() > deadline:
             _stop(proc)
-            pytest.fail(f"pipeline serve did not start:\n{(site / 'server.log').read_text()[-3000:]}")
+            pytest.fail(f"pipeline serve did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
-    yield base
+
+
+@pytest.fixture(scope="module")
+def server(tiny, site):  # noqa: F811
+    port = _free_port()
+    proc = start_server(tiny, site, port)
+    yield f"http://127.0.0.1:{port}"
     _stop(proc)
-    log.close()
 
 
 def _stop(proc) -> None:
@@ -219,7 +348,8 @@ def test_server_captions_a_photo_with_every_beam_and_its_maps(server):
 def test_server_gives_one_message_per_bad_input_and_keeps_serving(server):
     cases = [("empty.jpg", b"", 400, "empty.jpg: the file is empty (0 bytes)"),
              ("notes.txt", b"a text file, not a photo\n", 415, "notes.txt: not a readable image"),
-             ("bomb.png", bomb_png(), 413, "bomb.png: refused by the decompression-bomb limit"),
+             ("bomb.png", bomb_png(), 413, "bomb.png: the image has 900,000,000 pixels (30000x30000), over "
+                                           "--max-pixels 89,478,485"),
              ("big.jpg", os.urandom(LIMIT + 500_000), 413, "over the 20 MB limit of this page")]
     for name, data, status, msg in cases:
         got, body = post(server, name, data)
@@ -231,6 +361,112 @@ def test_server_gives_one_message_per_bad_input_and_keeps_serving(server):
     assert all(b["detail"].startswith("The server is busy") for s, b in answers if s == 503)
     assert post(server, "after.png", png_bytes(seed=99))[0] == 200
     assert _get(server + "/health")[0] == 200
+
+
+def request(base: str, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
+    """One request with exactly these headers (a Host of our choosing; a chunked body when `body` is an
+    iterable of chunks); (status, JSON answer)."""
+    import http.client
+    conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=120)
+    try:
+        conn.request(method, path, body, headers or {}, encode_chunked=body is not None
+                     and not isinstance(body, bytes))
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_server_takes_form_uploads_and_refuses_chunked_bodies_over_the_limit(server):
+    body, ctype = form({"note": "from a script"}, {"file": ("form photo.png", png_bytes(seed=3))})
+    status, res = request(server, "POST", "/api/caption", body, {"content-type": ctype})    # curl -F file=@...
+    assert status == 200 and res["name"] == "form photo.png" and len(res["beams"]) == 3, res
+    assert res == post(server, "form photo.png", png_bytes(seed=3))[1] | {"seconds": res["seconds"]}
+    status, res = request(server, "POST", "/api/caption", b"\xff\xfe\x00 not a form",
+                          {"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
+    assert status == 400 and res["detail"].startswith("the form upload is not a complete multipart body"), res
+    chunks = (b"x" * 10**6 for _ in range(30))                     # 30 MB, no Content-Length
+    status, res = request(server, "POST", "/api/caption", chunks, {"content-type": "application/json"})
+    assert (status, res) == (413, {"detail": "The photo is over the 20 MB limit of this page. Pick a smaller photo "
+                                             "(or downscale it)."})
+    assert post(server, "after.png", png_bytes(seed=98))[0] == 200
+
+
+def test_server_answers_only_requests_to_a_local_name(server):
+    port = server.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert request(server, "GET", "/api/model", headers={"host": host})[0] == 200, host
+    for path in ("/", "/api/model", "/health"):                     # DNS rebinding: a page of evil.example
+        status, res = request(server, "GET", path, headers={"host": f"evil.example:{port}"})
+        assert status == 400 and res["detail"].startswith(f"Host 'evil.example:{port}' is not a name of this server")
+    body = json.dumps({"name": "p.png", "data": base64.b64encode(png_bytes()).decode()}).encode()
+    status, res = request(server, "POST", "/api/caption", body, {"host": "evil.example", "content-type":
+                                                                  "application/json"})
+    assert status == 400 and "--host NAME" in res["detail"]
+
+
+def _children(pid: int) -> set[int]:
+    """Every live process under `pid` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parents.items() if pp == p}
+        todo += list(kids - out)
+        out |= kids
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(p)
+        except OSError:
+            pass
+    return alive
+
+
+def _port_free(port: int) -> bool:
+    """Whether a new server could listen on the port (bound as uvicorn binds, SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
+def test_killed_server_leaves_no_process_serving_and_frees_its_port(tiny, site):  # noqa: F811
+    """kill -9 of `pipeline serve`: its HTTP server, queue manager and model worker end with it and the
+    port is free again (they went on serving and holding it); --host adds one name the server answers to."""
+    import signal
+    port = _free_port()
+    proc = start_server(tiny, site, port, "--host", "photos.lan")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert request(base, "GET", "/api/model", headers={"host": f"photos.lan:{port}"})[0] == 200
+        assert request(base, "GET", "/api/model", headers={"host": f"other.lan:{port}"})[0] == 400
+        workers = _children(proc.pid)
+        assert len(workers) >= 3, workers                           # uvicorn, the manager, the model worker
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.time() + 10
+        while (_alive(workers) or not _port_free(port)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _alive(workers) == set() and _port_free(port)
+    finally:
+        _stop(proc)
 
 
 # -- the page in Chromium -----------------------------------------------------------------------------------

@@ -43,6 +43,11 @@ def test_real_models_reproduce_their_cards(name, monkeypatch, tmp_path):
     except UserError as e:
         pytest.skip(str(e))
     feats = [str(Path(f["path"]).resolve()) for f in loaded.features]  # relative to the repo root: resolve before chdir
+    from pipeline.cache.layout import read_attrs
+    made = {read_attrs(p).get("precision") or "fp32" for p in feats}
+    if made != {"fp32"}:                 # the cards were scored from fp32 features; bf16 ones differ a little
+        pytest.skip(f"the cache here was extracted in {'/'.join(sorted(made))}; the card's scores are exact for fp32 "
+                    f"features (`make extract PRECISION=fp32`); bf16 vs fp32 is benchmarks/bf16_check.py's business")
     monkeypatch.chdir(tmp_path)                                        # results go to tmp_path/runs/model_NAME
     args = m["scores"]["command"].split()[2:]
     code, out = cli("score", *args, *[x for p in feats for x in ("--features", p)])

@@ -224,3 +224,86 @@ def test_browse_disk_full_is_one_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"site: could not be written \(the disk is full"):
         write_site(data, tmp_path / "site")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- report --by-seed (seed aggregation) and the energy estimate -------------------------------------------
+
+def _seed_run(tmp_path, name, seed, bleu4, *, lr=4e-4, test=None, cpu_s=None, features=("f_vgg19.h5",)):
+    """A fake run (as _fake_run) whose config.json records its seed and settings as train.py writes them."""
+    d = _fake_run(tmp_path, name, bleu4)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["train"] = {"seed": seed, "lr": lr, "epochs": 20, "device": ("cpu", "auto", "cuda")[seed % 3], "threads": seed}
+    cfg["features"] = [dict(f, path=str(p)) for f, p in zip(cfg["features"], features)]
+    (d / "config.json").write_text(json.dumps(cfg))
+    if test is not None:
+        (d / "scores_test.json").write_text(json.dumps({"beam": 3, "metrics": {"Bleu_4": test}}))
+    if cpu_s is not None:      # every epoch records its compute (train.py)
+        log = [dict(json.loads(s), cpu_s=cpu_s, gpu_s=0.0) for s in (d / "log.jsonl").read_text().splitlines()]
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return d
+
+
+def test_report_by_seed_shows_mean_and_sample_sd(tmp_path):
+    from pipeline.reporting.report import Stat, make_report
+    runs_ = [_seed_run(tmp_path, "s1", 1, 0.20, test=0.30, cpu_s=100.0),
+             _seed_run(tmp_path, "s3", 3, 0.27, cpu_s=300.0),
+             _seed_run(tmp_path, "s2", 2, 0.22, test=0.34, cpu_s=200.0),
+             _seed_run(tmp_path, "lr", 1, 0.40, lr=1e-3)]          # another setting: not a seed of the others
+    quiet = lambda *a: None                                        # noqa: E731
+    plain = make_report(runs_, tmp_path / "plain.md", log=quiet)["rows"]
+    assert [r["run"] for r in plain] == ["s1", "s3", "s2", "lr"] and "seeds" not in plain[0]
+    rows = make_report(runs_, tmp_path / "report.md", log=quiet, by_seed=True)["rows"]
+    assert [(r["run"], r["seeds"]) for r in rows] == [("s1, s2, s3", [1, 2, 3]), ("lr", [1])]
+    b4 = rows[0]["val"]["Bleu_4"]     # mean 0.23; deviations -.03 -.01 .04: sd = sqrt(.0026 / 2) (n-1)
+    assert b4.n == 3 and b4.mean == pytest.approx(0.23) and b4.sd == pytest.approx(0.0013 ** 0.5)
+    assert rows[0]["val"]["Bleu_1"] == Stat(0.6, 0.0, 3, 3)
+    t = rows[0]["test"]["Bleu_4"]     # two of the three seeds were scored on test
+    assert (t.n, t.of) == (2, 3) and t.mean == pytest.approx(0.32) and t.sd == pytest.approx(0.02 * 2 ** 0.5)
+    assert rows[0]["cpu_h"] == pytest.approx(3 * 600 / 3600) and rows[0]["epochs"] == 3   # compute: summed
+    md = (tmp_path / "report.md").read_text()
+    assert "| run | dataset | backbone | attention | decoding | seeds | val Bleu-1 | val Bleu-4 |" in md
+    assert f"| s1, s2, s3 | shapes | vgg19 | soft | {LEGACY_NAME} | 1,2,3 (n=3) | 60.00 ± 0.00 | 23.00 ± 3.61 |" in md
+    assert "| 32.00 ± 2.83 (n=2) |" in md and f"| lr | shapes | vgg19 | soft | {LEGACY_NAME} | 1 | 60.00 | 40.00 |" in md
+    assert "mean ± sample sd" in md and "mean ± sample sd" not in (tmp_path / "plain.md").read_text()
+
+
+def test_report_by_seed_keeps_other_caches_and_decodings_apart(tmp_path):
+    """Same settings but another cache (provenance), or another decoding: not seeds of one row."""
+    from pipeline.reporting.report import make_report
+    a = _seed_run(tmp_path, "a", 1, 0.2)
+    b = _seed_run(tmp_path, "b", 2, 0.3)
+    c = _seed_run(tmp_path, "c", 3, 0.4)
+    cfg = json.loads((c / "config.json").read_text())
+    cfg["features"][0]["provenance"]["weights_sha256"] = "f" * 64
+    (c / "config.json").write_text(json.dumps(cfg))
+    (b / "scores_val.beam5_ln0.7.json").write_text(json.dumps({"beam": 5, "metrics": {"Bleu_4": 0.5}}))
+    rows = make_report([a, b, c], tmp_path / "r.md", log=lambda *x: None, by_seed=True)["rows"]
+    assert [(r["run"], r["decoding"], r["seeds"]) for r in rows] == [
+        ("a, b", LEGACY_NAME, [1, 2]), ("b", "beam5_ln0.7", [2]), ("c", LEGACY_NAME, [3])]
+    assert rows[0]["val"]["Bleu_4"].mean == pytest.approx(0.25)
+
+
+def test_energy_estimate_arithmetic():
+    from pipeline import provenance
+    assert provenance.CPU_WATTS_PER_CORE == 350 / 56 and provenance.GPU_WATTS == 700
+    # 1 CPU hour at 6.25 W = 22.5 kJ; half a GPU hour at 700 W = 1.26 MJ; 1 kWh = 3.6 MJ
+    assert provenance.energy_kwh({"cpu_s": 3600, "gpu_s": 1800}) == pytest.approx((22_500 + 1_260_000) / 3.6e6)
+    assert provenance.energy_kwh({"cpu_s": 3600}) == pytest.approx(0.00625)
+    assert provenance.energy_kwh({"wall_s": 5}) is None and provenance.energy_kwh(None) is None
+
+
+def test_report_shows_energy_of_training_and_extraction(tmp_path):
+    from pipeline.extraction import compute as extraction_compute
+    from pipeline.reporting.report import make_report
+    from pipeline.training.compute import summary
+    cache = tmp_path / "f.h5"
+    make_store(cache)
+    extraction_compute.record(cache, {"wall_s": 120.0, "cpu_s": 7200.0, "gpu_s": 360.0}, "cuda", images=12)
+    run = _seed_run(tmp_path, "e", 0, 0.2, cpu_s=1200.0, features=(cache,))    # 3 epochs: 1 CPU hour
+    row = make_report([run], tmp_path / "r.md", log=lambda *a: None)["rows"][0]
+    assert row["kwh"] == pytest.approx(0.00625)
+    assert row["extract_kwh"] == pytest.approx((7200 * 6.25 + 360 * 700) / 3.6e6) and row["extract_min"] == 2.0
+    md = (tmp_path / "r.md").read_text()
+    assert "| CPU h | kWh | extract min | extract kWh |" in md and "| 1.00 | 0.00625 | 2.0 | 0.0825 |" in md
+    assert "CPU-seconds x 6.25 W per core + GPU-seconds x 700 W" in md
+    assert summary({"wall_s": 60, "cpu_s": 1800}) == "compute so far: 1.0 min wall, 0.50 CPU h, ~0.0031 kWh"

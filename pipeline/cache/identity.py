@@ -27,7 +27,10 @@ PROVENANCE_KEYS = (
 # /image_sha256, format 2). Unknown (None) in older artefacts, which then are not checked on it.
 RECORDED_LATER = ("images_sha256",)
 # Written too, but informational (they may differ between compatible files).
-INFO_KEYS = ("code_version", "created", "dataset_root", "format_version", "num_images")
+INFO_KEYS = ("code_version", "created", "dataset_root", "format_version", "num_images", "precision")
+# `precision` (fp32/bf16/fp16, what the backbone computed in) is informational for mixing: a run trained on
+# fp32 features may score or caption from bf16 ones of a backbone marked safe. Extraction never mixes two in one
+# file (extract.cache_precision).
 
 
 def split_hashes(records: Sequence[Record]) -> dict:

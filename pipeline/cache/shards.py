@@ -80,7 +80,7 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode
                         f"re-run with --force.")
     L, C = metas[0][3][1:]
     dtype = str(first["dtype"])
-    prov = {k: first[k] for k in PROVENANCE_KEYS + ("code_version", "created") if k in first}
+    prov = {k: first[k] for k in PROVENANCE_KEYS + ("code_version", "created", "precision") if k in first}
     prov["split_hashes"] = split_hashes(records)
     prov["captions_sha256"] = captions_sha256(records)   # a shard's hash covers its rows only
     if dataset_root is None and first.get("dataset_root"):

@@ -78,17 +78,18 @@ def _check_images_exist(records: list[Record], where: dict[str, str], images_dir
                         f"e.g. {shown}. Put the image files in {images_dir}, or pass --root to the dataset directory.")
 
 
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies inside `folder` as written (`..` collapsed, an absolute path kept as is) and
+    once symbolic links are followed: the one test of every reader of image paths (datasets, browse)."""
+    base, p = Path(os.path.abspath(folder)), Path(os.path.abspath(path))
+    return p.is_relative_to(base) and p.resolve().is_relative_to(base.resolve())
+
+
 def _check_inside(records: list[Record], where: dict[str, str], images_dir: Path) -> None:
     """One error naming the entries whose image lies outside the image folder: a name with `..`, an
     absolute path, or a symbolic link leading out. Extraction would read such a file and the results
     browser copy it into its thumbnails, so every reader refuses them here."""
-    base = Path(os.path.abspath(images_dir))
-    real = base.resolve()
-    outside = []
-    for r in records:
-        p = Path(os.path.abspath(r.path))                 # `..` collapsed, an absolute entry kept as is
-        if not p.is_relative_to(base) or not p.resolve().is_relative_to(real):
-            outside.append(r)
+    outside = [r for r in records if not is_inside(r.path, images_dir)]
     if outside:
         shown = ", ".join(f"{r.image_id!r} ({where.get(r.image_id, '?')})" for r in outside[:MAX_LISTED])
         raise UserError(f"{images_dir}: {len(outside)} image entr{'y points' if len(outside) == 1 else 'ies point'} "

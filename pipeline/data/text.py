@@ -80,7 +80,9 @@ class Vocab:
         return cls(itos[4:], d.get("min_count", 1), d.get("counts"))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=0), encoding="utf-8")
+        """Written atomically, never through a link planted at `path` (fileio.atomic_write)."""
+        from pipeline.fileio import atomic_write
+        atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=0), encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":

@@ -12,7 +12,9 @@ Groups: the K beams of an image share one row of (a, att_a) (beam search, `Decod
 `groups` = K, q and the result have B*K rows and row r reads image r // K; nothing is copied per beam.
 
 `scores` is the one way the decoder computes e_t; it picks the fastest kernel for where it runs, all giving
-the same values (tests/test_model.py): the custom autograd `_AttentionScore` when training in fp32/fp64,
+the same values (tests/test_model.py, tests/test_fused.py): the fused C++ kernels of decoder/fused.py when
+training in fp32 on CPU (`_FusedScore`; with `prepare`'s shared gradient buffer for att_a), the custom autograd
+`_AttentionScore` when training otherwise in fp32/fp64 (or without a compiler),
 the chunked no-grad `_attention_score_nograd` when decoding on CPU, a broadcast over the shared rows when
 groups > 1 elsewhere, and plain autograd under autocast (bf16).
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.decoder import fused
 
 
 def f32(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +48,56 @@ class _AttentionScore(torch.autograd.Function):
         dw = (de.reshape(1, -1) @ t.reshape(-1, t.size(2))).view(-1)    # (A,)
         dpre = torch.ops.aten.tanh_backward(de[:, :, None], t).mul_(w)    # (B, L, A): (1 - t^2) de w^T
         return dpre, dpre.sum(1), dw
+
+
+class _FusedScore(torch.autograd.Function):
+    """e_ti = w^T tanh(att_a_i + q) by the fused kernels (decoder/fused.py): one pass forward, one backward.
+    When att_a came through `prepare`, backward adds its (B, L, A) gradient into the buffer the whole caption
+    shares and returns None for att_a (`_Sink` hands the buffer to autograd once); otherwise it returns it."""
+
+    @staticmethod
+    def forward(ctx, att_a, q, w):                  # att_a (B, L, A), q (B, A), w (A,)
+        e, t = fused.forward(att_a, q, w)           # e (B, L), t (B, L, A) = tanh(att_a + q)
+        ctx.save_for_backward(t, w)
+        ctx.sink = getattr(att_a, "_grad_sink", None)
+        return e
+
+    @staticmethod
+    def backward(ctx, de):                          # de (B, L)
+        t, w = ctx.saved_tensors
+        if ctx.sink is None:
+            return fused.backward(t, w, de, None)
+        ctx.sink["grad"], dq, dw = fused.backward(t, w, de, ctx.sink.get("grad"))
+        return None, dq, dw
+
+
+class _Sink(torch.autograd.Function):
+    """Identity on att_a (B, L, A) whose backward returns the gradient the `_FusedScore` steps added into
+    box["grad"] (plus any gradient that reached att_a another way): one buffer per batch, not one per step."""
+
+    @staticmethod
+    def forward(ctx, att_a, box: dict):
+        ctx.set_materialize_grads(False)            # the steps give None: no (B, L, A) zeros to add
+        ctx.box = box
+        return att_a.view_as(att_a)
+
+    @staticmethod
+    def backward(ctx, g):
+        acc = ctx.box.pop("grad", None)
+        if g is not None:
+            acc = g if acc is None else acc.add_(g)
+        return acc, None
+
+
+def prepare(att_a: torch.Tensor) -> torch.Tensor:
+    """att_a = W_a a_i + b (B, L, A) as the decoder keeps it for a batch: when training takes the fused
+    kernels, wrapped so that every step's gradient for it lands in one shared buffer (`_Sink`)."""
+    if torch.is_grad_enabled() and att_a.requires_grad and fused.applies(att_a):
+        box: dict = {}
+        out = _Sink.apply(att_a, box)
+        out._grad_sink = box
+        return out
+    return att_a
 
 
 INFER_CHUNK = 4   # rows per chunk of the no-grad CPU attention score (see _attention_score_nograd)
@@ -90,6 +144,8 @@ def scores(att_a: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, groups: i
         return F.linear(torch.tanh(att_a[:, None] + q.view(B, groups, 1, A)), weight).view(B * groups, L)
     if autocast:                                # bf16: leave it to autograd (the custom op is fp32/64)
         return F.linear(torch.tanh(att_a + q[:, None]), weight).squeeze(2)              # (B, L)
+    if fused.applies(att_a):                    # training in fp32 on CPU: the fused kernels
+        return _FusedScore.apply(att_a, q, weight[0])                                   # (B, L)
     return _AttentionScore.apply(att_a, q, weight[0])                                   # (B, L)
 
 
@@ -127,3 +183,19 @@ def location_context(alpha: torch.Tensor, a: torch.Tensor, how: str, groups: int
     s = alpha.argmax(1) if how == "argmax" else torch.multinomial(alpha.float(), 1).squeeze(1)
     rows = torch.arange(alpha.size(0), device=a.device) // groups   # the ctx row (image) of each state row
     return a[rows, s]
+
+
+# -- adaptive attention (Lu et al. 2017, "Knowing When to Look", 2.3): the visual sentinel as slot L+1 ----------
+def sentinel_score(s_att: torch.Tensor, q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The sentinel's score w^T tanh(W_s s + b_s + q) (Lu et al. eq. 12, its last entry): s_att (R, A) =
+    W_s s + b_s, q (R, A) = W_h h (the regions' query), weight (1, A) (the regions' w) -> (R,). One row per
+    state row: every beam has its own sentinel, so nothing is shared per image here."""
+    return F.linear(torch.tanh(s_att + q), weight).squeeze(1)
+
+
+def sentinel_softmax(e: torch.Tensor, e_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over the L regions and the sentinel (Lu et al. eq. 12): e (R, L), e_s (R,) -> alpha (R, L), the
+    regions' slots NOT renormalised (sum_i alpha_i = 1 - beta), and beta (R,), the sentinel's slot. fp32 at
+    least (f32), as the plain softmax."""
+    p = torch.softmax(torch.cat([f32(e), f32(e_s)[:, None].to(f32(e).dtype)], 1), 1)    # (R, L + 1)
+    return p[:, :-1].contiguous(), p[:, -1]

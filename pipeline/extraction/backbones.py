@@ -134,6 +134,8 @@ class BackboneSpec:
                                       # (large 448-px activations fall out of cache at bigger batches)
     cuts: tuple = ()                  # Cut entries: where `extract --layer` may stop
     layer: str = ""                   # "" for the final layer; a Cut's layer for `cuts.spec_at` specs
+    bf16: str = ""                    # "" = not measured/unsafe: fp32 unless --precision bf16; else the
+                                      # measurement that made bf16 autocast the default (`resolve_precision`)
 
     @property
     def num_regions(self) -> int:
@@ -142,6 +144,42 @@ class BackboneSpec:
     def preprocess(self, img):
         """PIL image -> (3, H, W) float tensor; the same function extraction and captioning use."""
         return preprocess_image(img, self.preprocessing)
+
+
+# ---- precision -------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """A CPU with bf16 matrix units (AMX) or AVX-512 bf16 instructions, where bf16 autocast pays (the
+    VGG19 trunk 3.7x fp32 on this project's Xeon); elsewhere oneDNN emulates bf16, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(spec: "BackboneSpec", precision: str, device: str) -> str:
+    """--precision auto|fp32|bf16 -> what the backbone runs in: "fp32", "bf16" or "fp16" (CUDA autocast).
+
+    auto: on CUDA the spec's `amp` (float16 for the torchvision ResNets), else bf16 where `spec.bf16` records
+    the measurement that made it safe; on CPU bf16 where it is safe AND the CPU has bf16 units; fp32 otherwise.
+    An explicit bf16 runs bf16 on any backbone (the caller is told when it is not marked safe)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}.")
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "fp16" if spec.amp == "float16" else ("bf16" if spec.bf16 else "fp32")
+    return "bf16" if spec.bf16 and cpu_has_fast_bf16() else "fp32"
+
+
+def autocast_dtype(precision: str):
+    """"bf16"/"fp16" -> the torch autocast dtype; "fp32" -> None (no autocast)."""
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 # ---- builders --------------------------------------------------------------------------------------
@@ -373,10 +411,15 @@ def _vgg19_flops(size: int = 224) -> float:
     return float(total)
 
 
+# What made bf16 autocast VGG19's default on a CPU with bf16 units (docs/features.md, "Precision").
+VGG19_BF16 = ("bf16 autocast: per-image cosine to fp32 >= 0.99995 on Flickr8k val; the shipped vgg19_soft "
+              "decoder scores the same on val from bf16 and fp32 features (docs/features.md)")
+
 BACKBONES: dict[str, BackboneSpec] = {
     s.name: s for s in (
         BackboneSpec("vgg19", 224, (14, 14), 512, caffe_preprocessing(224), build_vgg19,
                      amp=None, notes="Oxford VGG19 conv5_4 (paper), Caffe BGR mean subtraction",
+                     bf16=VGG19_BF16,
                      flops_per_image=_vgg19_flops(224),
                      cuts=(Cut("conv5_4_input", 34, 512, "relu5_3's output; the top is conv5_4 + ReLU"),
                            Cut("conv5_1_input", 28, 512, "pool4's output; the top is conv5_1 .. conv5_4 + ReLUs"))),

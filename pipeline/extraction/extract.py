@@ -28,13 +28,14 @@ from pipeline.extraction import compute
 
 # ---- provenance ------------------------------------------------------------------------------------
 
-def make_provenance(spec, weights_sha256: str, dataset: str, records: Sequence[Record], dtype: str) -> dict:
+def make_provenance(spec, weights_sha256: str, dataset: str, records: Sequence[Record], dtype: str,
+                    precision: str = "fp32") -> dict:
     from datetime import datetime, timezone
     from pipeline.provenance import code_version
     return {
         "backbone": spec.name, "weights_sha256": weights_sha256, "preprocessing": spec.preprocessing,
         "input_size": spec.input_size, "grid": list(spec.grid), "feature_dim": spec.feature_dim,
-        "dtype": dtype, "dataset": dataset, "split_hashes": identity.split_hashes(records),
+        "dtype": dtype, "precision": precision, "dataset": dataset, "split_hashes": identity.split_hashes(records),
         "captions_sha256": identity.captions_sha256(records), "code_version": code_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"layer": spec.layer} if getattr(spec, "layer", "") else {}),   # a cut (extract --layer): cuts.py
@@ -75,6 +76,7 @@ class ExtractResult:
     bad: list[str] = field(default_factory=list)
     seconds: float = 0.0
     compute: dict = field(default_factory=dict)    # OUT's `compute` attribute after this session
+    precision: str = ""                            # what the backbone computed in (cache_precision)
 
     @property
     def images_per_s(self) -> float:
@@ -133,6 +135,30 @@ def recheck_pictures(out: Path, attrs: dict, provenance: dict, records: Sequence
         layout.set_attrs(out, dataset_root=str(dataset_root))
 
 
+def cache_precision(out: Path, spec, precision: str, device: str, force: bool) -> str:
+    """The precision to extract OUT in: --precision resolved for this backbone and device
+    (backbones.resolve_precision). Over an existing file (not --force), `auto` continues it in the precision it
+    was made in (files from before precisions were recorded: fp32) and any other precision is refused: one
+    cache never mixes rows of two precisions."""
+    from pipeline.extraction.backbones import resolve_precision
+    if out.exists() and not force:
+        try:
+            made = layout.read_attrs(out).get("precision") or "fp32"
+        except UserError:
+            made = None                      # not a feature file: _rows_to_do says so
+        if made is not None:
+            if precision == "auto":
+                return made
+            if resolve_precision(spec, precision, device) != made:
+                raise UserError(f"{out}: was extracted in {made}; resume it with --precision {made} (or auto), or "
+                                f"re-extract it in {precision} with --force or another --out.")
+    resolved = resolve_precision(spec, precision, device)
+    if resolved == "bf16" and not spec.bf16:
+        print(f"note: {spec.name} is not marked safe in bf16 (its features may differ from fp32 beyond rounding; "
+              f"docs/features.md); --precision fp32 or auto avoids it.")
+    return resolved
+
+
 def lock_path(out: Path) -> Path:
     """The lock an extraction holds while it writes OUT: a hidden file beside it, removed when released."""
     return out.with_name(f".{out.name}.lock")
@@ -153,10 +179,13 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
             weights: str | None = None, weights_dir: str | Path = "weights", dtype: str = "float16",
             batch_size: int | None = None, workers: int | None = None, force: bool = False,
             skip_bad: bool = False, device: str = "auto", dataset_root: str | Path | None = None, progress: bool = True,
-            max_batches: int | None = None, decode: str = "auto", layer: str = "", flip: bool = False) -> ExtractResult:
+            max_batches: int | None = None, decode: str = "auto", layer: str = "", flip: bool = False,
+            precision: str = "auto") -> ExtractResult:
     """Fill (or resume) `out` with features of `records`. `max_batches` stops early (tests, benchmarks).
     layer: a cut point of the backbone (backbones.Cut, e.g. conv5_4_input): the activations entering its
     top instead of the final layer. flip: also the horizontally flipped view of every image (/features_hflip).
+    precision: auto|fp32|bf16, what the backbone computes in (backbones.resolve_precision; recorded in the
+    provenance; auto continues an existing file in its own precision, another one is refused).
     batch_size None: the backbone's `cpu_batch` on CPU, 32 on GPU. One process at a time writes a
     file: a second one is refused (`lock_path`) before it does any work."""
     out = Path(out)
@@ -174,11 +203,12 @@ def extract(records: Sequence[Record], out: str | Path, *, dataset: str, backbon
         return _extract(records, out, dataset=dataset, backbone=backbone, weights=weights,
                         weights_dir=weights_dir, dtype=dtype, batch_size=batch_size, workers=workers, force=force,
                         skip_bad=skip_bad, device=device, dataset_root=dataset_root, progress=progress,
-                        max_batches=max_batches, decode=decode, layer=layer, flip=flip)
+                        max_batches=max_batches, decode=decode, layer=layer, flip=flip, precision=precision)
 
 
 def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dtype, batch_size, workers, force,
-             skip_bad, device, dataset_root, progress, max_batches, decode="auto", layer="", flip=False) -> ExtractResult:
+             skip_bad, device, dataset_root, progress, max_batches, decode="auto", layer="", flip=False,
+             precision="auto") -> ExtractResult:
     """The extraction proper (the lock held): open or create OUT, then run the backbone over the rows to do."""
     import torch
 
@@ -186,9 +216,10 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
     meter = ComputeMeter(dev)          # this session's wall / CPU / GPU seconds, added to OUT's `compute`
     from pipeline.extraction.cuts import load_prefix
     module, spec, sha = load_prefix(backbone, layer, weights, weights_dir)     # the whole backbone without --layer
-    todo = _rows_to_do(out, records, make_provenance(spec, sha, dataset, records, dtype), spec, dtype=dtype,
+    precision = cache_precision(out, spec, precision, dev, force)
+    todo = _rows_to_do(out, records, make_provenance(spec, sha, dataset, records, dtype, precision), spec, dtype=dtype,
                        force=force, skip_bad=skip_bad, dataset_root=dataset_root, flip=flip)
-    result = ExtractResult(out, len(records), 0)
+    result = ExtractResult(out, len(records), 0, precision=precision)
     if len(todo) == 0:
         return result
     cuda = dev == "cuda"
@@ -211,7 +242,8 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
         batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
     t0 = time.perf_counter()
     result.computed, bad = _run_backbone(module, spec, batches, out, paths, len(todo), dev=dev, dtype=dtype,
-                                         skip_bad=skip_bad, progress=progress, max_batches=max_batches, flip=flip)
+                                         skip_bad=skip_bad, progress=progress, max_batches=max_batches, flip=flip,
+                                         precision=precision)
     result.seconds, result.bad = time.perf_counter() - t0, bad
     del batches                      # DataLoader workers end (and are waited for): their CPU time counts
     result.compute = compute.record(out, meter.lap(), dev, result.computed)
@@ -249,19 +281,21 @@ def _rows_to_do(out: Path, records, prov: dict, spec, *, dtype, force, skip_bad,
 
 
 def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, dtype, skip_bad, progress,
-                  max_batches, flip: bool = False) -> tuple[int, list[str]]:
+                  max_batches, flip: bool = False, precision: str = "fp32") -> tuple[int, list[str]]:
     """Backbone over the batches (backbones.Batch: rows, x (B,3,H,W), errs, pictures), rows handed to the
     writer thread; returns
     (rows computed, bad images). A writer failure (a full disk) stops it with one error. flip: the
-    backbone also runs on the mirrored input x.flip(-1) (= preprocessing the mirrored image)."""
+    backbone also runs on the mirrored input x.flip(-1) (= preprocessing the mirrored image). precision: "fp32",
+    "bf16" or "fp16", resolved (autocast for the latter two)."""
     import torch
     from tqdm import tqdm
     cuda = dev == "cuda"
-    amp = getattr(torch, spec.amp) if (cuda and spec.amp) else None
+    from pipeline.extraction.backbones import autocast_dtype
+    amp = autocast_dtype(precision)
     writer = Writer(out, dtype)
     writer.start()
     computed, bad = 0, []
-    bar = tqdm(total=total, unit="img", desc=f"extract {spec.name}", disable=not progress,
+    bar = tqdm(total=total, unit="img", desc=f"extract {spec.name} ({precision})", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     try:
         with torch.inference_mode():

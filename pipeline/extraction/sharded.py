@@ -55,7 +55,7 @@ def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str
                         force: bool = False, skip_bad: bool = False, device: str = "auto",
                         dataset_root: str | Path | None = None, progress: bool = True,
                         echo: Callable[[str], None] = print, decode: str = "auto", layer: str = "",
-                        flip: bool = False):
+                        flip: bool = False, precision: str = "auto"):
     """Extract `records` into OUT with every process of the torchrun group (call it on every rank).
 
     Returns an extract.ExtractResult summed over the ranks (seconds: the slowest rank).
@@ -66,7 +66,7 @@ def extract_distributed(records, out: str | Path, *, dataset: str, backbone: str
 
     kw = dict(dataset=dataset, backbone=backbone, weights=weights, weights_dir=weights_dir, dtype=dtype,
               batch_size=batch_size, skip_bad=skip_bad, device=device, dataset_root=dataset_root, decode=decode,
-              layer=layer)
+              layer=layer, precision=precision)
     if merge not in ("vds", "copy"):
         raise UserError(f"--merge {merge}: choose vds or copy.")
     info = distributed.current()

@@ -76,12 +76,15 @@ def open_image(f, name: str, max_pixels: int | None = None):
 
 
 class Encoder:
-    """The backbone(s) that made a run's caches, rebuilt for new images: images -> (n, L, C) float32."""
+    """The backbone(s) that made a run's caches, rebuilt for new images: images -> (n, L, C) float32.
+    precision: auto|fp32|bf16 per backbone as extraction resolves it (backbones.resolve_precision): bf16
+    autocast where the registry marks the backbone safe (its shipped decoder scores the same on val from bf16
+    features) and the CPU has bf16 units."""
 
     def __init__(self, provenances: Sequence[dict], *, weights_dir: str | Path = "weights",
-                 weights: Sequence[str] = (), device: str = "auto"):
+                 weights: Sequence[str] = (), device: str = "auto", precision: str = "auto"):
         from pipeline.cache.identity import normalized
-        from pipeline.extraction.backbones import get_spec
+        from pipeline.extraction.backbones import autocast_dtype, get_spec, resolve_precision
         from pipeline.extraction.cuts import load_prefix
 
         self.device = resolve_device(device)
@@ -107,22 +110,21 @@ class Encoder:
                                 f"{'' if len(set(names)) == 1 else name + '='}PATH (or --weights-dir).")
             stored = np.float16 if prov.get("dtype", "float16") == "float16" else np.float32
             module = module.to(self.device).to(memory_format=torch.channels_last)
-            self.parts.append((spec, module, stored))
+            self.parts.append((spec, module, stored, autocast_dtype(resolve_precision(spec, precision, self.device))))
 
     @torch.inference_mode()
     def __call__(self, images: list, batch_size: int = 16) -> np.ndarray:
         outs = []
-        for spec, module, stored in self.parts:
+        for spec, module, stored, amp in self.parts:
             chunks = []
             for i in range(0, len(images), batch_size):
                 x = torch.stack([spec.preprocess(im) for im in images[i:i + batch_size]])     # (B, 3, H, W)
                 x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-                amp = getattr(torch, spec.amp) if (self.device == "cuda" and spec.amp) else None
                 with torch.autocast(self.device, dtype=amp, enabled=amp is not None):
                     y = module(x)                                                          # (B, C, h, w)
                 chunks.append(y.float().flatten(2).transpose(1, 2).cpu().numpy().astype(stored))  # (B, L, C)
             if not chunks:
-                return np.zeros((0, spec.num_regions, sum(s.feature_dim for s, _, _ in self.parts)), np.float32)
+                return np.zeros((0, spec.num_regions, sum(p[0].feature_dim for p in self.parts)), np.float32)
             outs.append(np.concatenate(chunks).astype(np.float32))
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
 
@@ -185,7 +187,7 @@ class Captioner:
             key = repr(provs)
             if key not in self.encoders:
                 self.encoders[key] = Encoder(provs, weights_dir=cfg.weights_dir, weights=cfg.weights,
-                                             device=self.device)
+                                             device=self.device, precision=cfg.precision)
             if key not in keys:
                 keys.append(key)
             inputs.append(keys.index(key))
@@ -229,7 +231,7 @@ def default_members(cfg: CaptionConfig, log=print, encoders: dict | None = None)
             key = repr(provs)
             if encoders is not None and key not in encoders:
                 encoders[key] = Encoder(provs, weights_dir=cfg.weights_dir, weights=cfg.weights,
-                                        device=resolve_device(cfg.device))
+                                        device=resolve_device(cfg.device), precision=cfg.precision)
             elif encoders is None:
                 Encoder(provs, weights_dir=cfg.weights_dir, weights=cfg.weights, device="cpu")
         except UserError as e:
@@ -248,15 +250,21 @@ def default_members(cfg: CaptionConfig, log=print, encoders: dict | None = None)
                     + "; ".join(why) + " (`make weights` fetches VGG19, `make efficientnet` EfficientNet-Lite2).")
 
 
-def caption_images(paths: Sequence[str | Path], run_dirs: Sequence | str | Path | None,
-                   cfg: CaptionConfig, log=print) -> list[Captioned]:
-    """Caption image files with one run or shipped model, or an ensemble of them (same vocabulary; each
-    member's features are computed by its own backbone(s)). None: `default_members`."""
+def make_captioner(run_dirs: Sequence | str | Path | None, cfg: CaptionConfig, log=print) -> Captioner:
+    """A Captioner of one run or shipped model, or an ensemble of them; None: `default_members` (the backbone
+    it tried is kept, not loaded twice)."""
     encoders: dict = {}
     if run_dirs is None or isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs] if run_dirs is not None else default_members(cfg, log, encoders)
-    captioner = Captioner(run_dirs, cfg, log=log, encoders=encoders)
-    return captioner(open_images(paths), list(paths))
+    return Captioner(run_dirs, cfg, log=log, encoders=encoders)
+
+
+def caption_images(paths: Sequence[str | Path], run_dirs: Sequence | str | Path | None,
+                   cfg: CaptionConfig, log=print) -> list[Captioned]:
+    """Caption image files with one run or shipped model, or an ensemble of them (same vocabulary; each
+    member's features are computed by its own backbone(s)). None: `default_members`. All or nothing: the
+    command (caption_batch.py) is the one that skips unreadable files."""
+    return make_captioner(run_dirs, cfg, log)(open_images(paths), list(paths))
 
 
 def attention_paths(out: str | Path, images: Sequence[str | Path]) -> list[Path]:

@@ -7,15 +7,20 @@
           test_decoding.json, model.json, README.md (model_card.md filled in)
        ─▶ every file at most --max-file-mb ─▶ the folder renamed into place
 
-Everything is written into a temporary folder beside models/NAME and renamed at the end: a failed
-export leaves no partial model, and --force replaces an earlier one only once the new one is complete.
+Everything (the scoring's files too) is written into a temporary folder beside models/NAME, named
+`.NAME.export-HOST-PID-*` after the process, and renamed at the end: a failed export leaves no partial
+model and no temporary folder, --force replaces an earlier one only once the new one is complete, and
+the folder of an export that was killed is removed by the next export (`_remove_stale`). A full disk is
+the project's one disk-full error (fileio.disk_error), naming the file.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import shutil
+import socket
 import string
 import tempfile
 import time
@@ -25,7 +30,7 @@ from typing import Sequence
 
 from pipeline.config import DecoderConfig, ExportConfig, ScoreConfig, TrainConfig, defaults, option_name
 from pipeline.errors import UserError
-from pipeline.fileio import write_json, write_text
+from pipeline.fileio import atomic_write, disk_error, write_json, write_text
 from pipeline.inference import shipped
 from pipeline.training import runs
 
@@ -124,11 +129,12 @@ def _write_files(tmp: Path, loaded, dtype: str) -> dict:
     # a fine-tuned encoder top (decoder.topped.TopDecoder: its `top.*` weights) goes to its own file, so each
     # file stays under the size limit; the loader merges them back
     top = {k: v for k, v in sd.items() if k.startswith(shipped.TOP_PREFIX)}
-    torch.save({k: v for k, v in sd.items() if k not in top}, tmp / shipped.DECODER_FILE)
+    save = lambda obj, path: atomic_write(path, lambda t: torch.save(obj, t))   # noqa: E731  (disk full: one error)
+    save({k: v for k, v in sd.items() if k not in top}, tmp / shipped.DECODER_FILE)
     loaded.vocab.save(tmp / shipped.VOCAB_FILE)
     out = {"decoder": {"path": shipped.DECODER_FILE, "dtype": dtype}, "vocab": {"path": shipped.VOCAB_FILE}}
     if top:
-        torch.save(top, tmp / shipped.TOP_FILE)
+        save(top, tmp / shipped.TOP_FILE)
         out["top"] = {"path": shipped.TOP_FILE, "dtype": dtype}
     for e in out.values():
         p = tmp / e["path"]
@@ -164,28 +170,28 @@ def export_run(run: str | Path | None, name: str, cfg: ExportConfig, scfg: Score
     dest = root / name
     if dest.exists() and not force:
         raise UserError(f"{dest} exists; pass --force to replace it (the new model replaces it only once complete).")
+    if (dest.exists() or dest.is_symlink()) and not (dest.is_dir() and (dest / shipped.MANIFEST).is_file()):
+        raise UserError(f"{dest}: exists and is not a shipped model (no {shipped.MANIFEST} in it); --force replaces "
+                        f"only a model. Pick another --name, or move it away first.")
     loaded = runs.load_run(run, which="best", log=log)
     entries = _feature_entries(loaded)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root, log)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.export-{_owner()}-", dir=root))
+    except OSError as e:
+        raise disk_error(root / f".{name}.export-{_owner()}", e) from e
     tmp.chmod(0o755)                 # mkdtemp makes it owner-only; a shipped model is read by everyone
     try:
-        with tempfile.TemporaryDirectory(prefix="export-scores-") as work:
-            log(f"{name}: scoring {cfg.split} with the fp32 weights ...")
-            s32 = _score(loaded, cfg.split, scfg, features, Path(work) / "fp32", log)
-            log(f"{name}: scoring {cfg.split} with the fp16 weights ...")
-            s16 = _score(_as_fp16(loaded), cfg.split, scfg, features, Path(work) / "fp16", log)
-            dtype, why = choose_dtype(cfg, s32.get("metrics", {}), s16.get("metrics", {}))
-            kept = _as_fp16(loaded) if dtype == "float16" else loaded
-            test = None
-            if cfg.test_split:
-                st = runs.open_run_features(loaded.ckpt, loaded.run_dir, features)
-                if len(st.rows(cfg.test_split)):
-                    log(f"{name}: decoding the {cfg.test_split} split with the {dtype} weights ...")
-                    t = _score(kept, cfg.test_split, scfg, features, Path(work) / "test", log)
-                    shutil.copyfile(t["results"], tmp / shipped.TEST_DECODING_FILE)
-                    test = {"path": shipped.TEST_DECODING_FILE, "split": cfg.test_split, "images": t["split_size"],
-                            "scored": t.get("num_scored", 0)}
+        work = tmp / ".scores"       # the scoring's files: removed before the model's are written
+        log(f"{name}: scoring {cfg.split} with the fp32 weights ...")
+        s32 = _score(loaded, cfg.split, scfg, features, work / "fp32", log)
+        log(f"{name}: scoring {cfg.split} with the fp16 weights ...")
+        s16 = _score(_as_fp16(loaded), cfg.split, scfg, features, work / "fp16", log)
+        dtype, why = choose_dtype(cfg, s32.get("metrics", {}), s16.get("metrics", {}))
+        test = _test_decoding(loaded, _as_fp16(loaded) if dtype == "float16" else loaded, name, dtype, cfg, scfg,
+                              features, tmp, log)
+        shutil.rmtree(work, ignore_errors=True)
         files = _write_files(tmp, loaded, dtype)
         manifest = _manifest(name, loaded, entries, files, s32, s16, dtype, why, scfg, test, command)
         write_json(tmp / shipped.MANIFEST, manifest)
@@ -198,6 +204,52 @@ def export_run(run: str | Path | None, name: str, cfg: ExportConfig, scfg: Score
     log(f"{dest}: {dtype} weights, val CIDEr {100 * (shipped.val_metric(manifest) or 0):.2f} "
         f"(fp32 {100 * (shipped.val_metric(manifest, dtype='float32') or 0):.2f}); card {dest / shipped.CARD_FILE}")
     return dest
+
+
+def _test_decoding(loaded, kept, name: str, dtype: str, cfg: ExportConfig, scfg: ScoreConfig, features, tmp: Path,
+                   log) -> dict | None:
+    """The blind test split decoded with the kept weights into tmp/test_decoding.json (None: no such split)."""
+    if not cfg.test_split:
+        return None
+    st = runs.open_run_features(loaded.ckpt, loaded.run_dir, features)
+    if not len(st.rows(cfg.test_split)):
+        return None
+    log(f"{name}: decoding the {cfg.test_split} split with the {dtype} weights ...")
+    t = _score(kept, cfg.test_split, scfg, features, tmp / ".scores" / "test", log)
+    dst = tmp / shipped.TEST_DECODING_FILE
+    try:
+        shutil.copyfile(t["results"], dst)
+    except OSError as e:
+        raise disk_error(dst, e) from e
+    return {"path": shipped.TEST_DECODING_FILE, "split": cfg.test_split, "images": t["split_size"],
+            "scored": t.get("num_scored", 0)}
+
+
+def _owner() -> str:
+    """HOST-PID of this process, in its temporary folders' names: whose they are, and whether it still runs."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) + f"-{os.getpid()}"
+
+
+def _remove_stale(root: Path, log) -> None:
+    """Remove the temporary folders (`.NAME.export-HOST-PID-*`) of exports on this host whose process has
+    exited (killed: nothing cleaned up). A folder of a live process, another host or unknown owner stays."""
+    host = _owner().rsplit("-", 1)[0]
+    for p in root.glob(".*.export-*"):
+        m = re.fullmatch(r"\..+\.export-(.+)-(\d+)-[a-z0-9_]+", p.name)
+        if not m or m.group(1) != host or not p.is_dir() or p.is_symlink() or _alive(int(m.group(2))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        log(f"removed {p}: the temporary folder of an export that did not finish (process {m.group(2)} has exited)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass
+    return True
 
 
 def _manifest(name, loaded, entries, files, s32, s16, dtype, why, scfg, test, command) -> dict:

@@ -16,8 +16,12 @@
       README.md          the model card (export.py writes it from model_card.md)
 
 `export.py` writes such a directory from a run (`pipeline export RUN --name NAME`). Here: finding and
-reading them. `load_model` checks the sha256 of every file against the manifest before reading it (a
-corrupted or truncated file is one UserError) and returns a `runs.LoadedRun` whose checkpoint dict holds
+reading them. A model is named by its folder (`--model NAME` is models/NAME; `pipeline models` lists the
+folders, and the manifest's own name only where it differs: copies of a folder keep the name inside).
+Nothing outside the folder is read: a manifest's file paths that lead out of it (`..`, absolute, a link
+leading out) are refused. `load_model` checks the sha256 of every file against the manifest before
+reading it (a corrupted or truncated file is one UserError), reads weights without running code
+(fileio.torch_load), and returns a `runs.LoadedRun` whose checkpoint dict holds
 what a run's does (decoder_config, vocab, features with provenance, feature_dim, num_regions), so score,
 browse and caption treat a shipped model as one more run (`load_member`), also inside ensembles.
 A shipped model has no run directory and no cache: scoring needs the cache its backbone makes
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.errors import UserError
+from pipeline.fileio import torch_load
 from pipeline.training import runs
 
 FORMAT = "pipeline-model"
@@ -69,11 +74,16 @@ def check_name(name: str) -> str:
 
 
 def resolve_model(ref: ModelRef | str) -> Path:
-    """A model's directory: a path holding model.json, else models_dir()/NAME."""
+    """A model's directory: a path holding model.json, else models_dir()/NAME, NAME a folder's name (a name
+    with a '/' or '..' would lead out of models/: refused)."""
     name = str(ref)
     p = Path(name)
     if (p / MANIFEST).is_file():
         return p
+    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise UserError(f"--model {name}: not a folder of models/ nor a model folder here; a model's name is the "
+                        f"name of its folder in {models_dir()}/, without '/' or '..' (`pipeline models` lists them), "
+                        f"or pass the path of a folder holding {MANIFEST}.")
     d = models_dir() / name
     if (d / MANIFEST).is_file():
         return d
@@ -115,13 +125,16 @@ def read_manifest(model_dir: str | Path) -> dict:
 
 
 def list_models(root: str | Path | None = None) -> list[dict]:
-    """Manifests of root/*/model.json, best val CIDEr first; an unreadable one is {"name", "error"}."""
+    """Manifests of root/*/model.json, best val CIDEr first; "name" is the folder's (what --model takes),
+    "manifest_name" the manifest's own where it differs; an unreadable one is {"name", "dir", "error"}."""
     root = Path(root) if root else models_dir()
     out = []
     for d in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
         try:
             m = read_manifest(d.parent)
-            m["dir"] = str(d.parent)
+            if m["name"] != d.parent.name:
+                m["manifest_name"] = m["name"]
+            m.update(name=d.parent.name, dir=str(d.parent))
         except UserError as e:
             m = {"name": d.parent.name, "dir": str(d.parent), "error": str(e)}
         out.append(m)
@@ -146,9 +159,17 @@ def backbones_of(m: dict) -> list[str]:
 
 
 def check_file(model_dir: Path, entry: dict, what: str) -> Path:
-    """The file of a manifest entry, after its size and sha256 match the manifest (else one UserError)."""
+    """The file of a manifest entry, after it is found inside the model folder and its size and sha256 match
+    the manifest (else one UserError)."""
+    from pipeline.data.datasets import is_inside
     from pipeline.provenance import sha256_file
-    path = Path(model_dir) / entry["path"]
+    rel = entry.get("path") if isinstance(entry, dict) else None
+    if not isinstance(rel, str) or not rel or not is_inside(Path(model_dir) / rel, model_dir):
+        raise UserError(f"{Path(model_dir) / MANIFEST}: the {what} file's path {rel!r} leads outside the model folder "
+                        f"{model_dir} ('..', an absolute path, or a symbolic link leading out); nothing outside the "
+                        f"folder is read. The manifest was edited, or the folder is not one `pipeline export` wrote: "
+                        f"restore the folder from where it came, or export the model again.")
+    path = Path(model_dir) / rel
     fix = f"Restore it (`git checkout -- {path}`) or export the model again (`pipeline export`)."
     if not path.is_file():
         raise UserError(f"{path}: the model's {what} file is missing. {fix}")
@@ -168,6 +189,8 @@ def _features(m: dict) -> list[dict]:
     out = []
     for f in m["features"]:
         rec = Path(f.get("cache") or "")
+        if rec.is_absolute() or ".." in rec.parts:    # a cache is named under the checkout's features/: no other
+            rec = Path("")
         path = next((p for p in (rec, root / rec) if str(rec) not in ("", ".") and p.is_file()), rec)
         out.append({"path": str(path), "provenance": f.get("provenance"), "extract": f.get("extract", "")})
     return out
@@ -175,7 +198,6 @@ def _features(m: dict) -> list[dict]:
 
 def load_model(ref: ModelRef | str, device="cpu", log=print) -> runs.LoadedRun:
     """A shipped model as a LoadedRun (which = "shipped"): every file sha256-checked, weights in float32."""
-    import torch
     from pipeline.config import DecoderConfig
     from pipeline.data.text import Vocab
     from pipeline.decoder.topped import build_decoder
@@ -187,9 +209,9 @@ def load_model(ref: ModelRef | str, device="cpu", log=print) -> runs.LoadedRun:
     vocab_path = check_file(d, files["vocab"], "vocabulary")
     top = check_file(d, files["top"], "encoder top") if files.get("top") else None
     try:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = torch_load(weights, "model file")
         if top is not None:
-            sd.update(torch.load(top, map_location="cpu", weights_only=True))
+            sd.update(torch_load(top, "model file"))
         vocab = Vocab.load(vocab_path)
         model = build_decoder(DecoderConfig.from_dict(m["decoder_config"]), len(vocab), int(m["feature_dim"]),
                               [f.get("provenance") for f in m["features"]])
@@ -209,7 +231,7 @@ def load_model(ref: ModelRef | str, device="cpu", log=print) -> runs.LoadedRun:
         train_config["max_len"] = int(words)
     ckpt = {"features": _features(m), "feature_dim": int(m["feature_dim"]), "num_regions": int(m["num_regions"]),
             "decoder_config": m["decoder_config"], "vocab": vocab.to_dict(), "epoch": src.get("epoch"),
-            "train_config": train_config, "shipped": m["name"], "manifest": m, "code_version": m.get("code_version")}
+            "train_config": train_config, "shipped": d.name, "manifest": m, "code_version": m.get("code_version")}
     return runs.LoadedRun(d, model.to(device).eval(), vocab, ckpt, "shipped")
 
 
@@ -266,5 +288,6 @@ def format_models(models: Sequence[dict]) -> str:
         vals = [val_metric(m, c) for c in cols]
         lines.append(f"{m['name']:28s} {'+'.join(backbones_of(m)):22s} {s.get('stored', '?'):8s} "
                      + " ".join(f"{100 * v:7.2f}" if v is not None else f"{'-':>7s}" for v in vals)
-                     + f"  {s.get('images', '?')}")
+                     + f"  {s.get('images', '?')}"
+                     + (f"  ({MANIFEST} names it {m['manifest_name']})" if m.get("manifest_name") else ""))
     return "\n".join(lines)

@@ -96,6 +96,30 @@ def check_image_root(root: Path, filenames: Sequence[str]) -> None:
                         f"dataset folder given to extract --root.")
 
 
+def images_folder(root: Path | None, filenames: Sequence[str], *, where: str) -> Path:
+    """The folder the split's images lie in (`root`, the dataset folder, or the folder of theirs below it),
+    after refusing paths that lead out of it: a /filenames entry edited to `..` or an absolute path, or a
+    symbolic link planted in the folder after extraction (the site would copy a file from elsewhere). The
+    test is extraction's (datasets.is_inside). root None: a cache that records no dataset folder (absolute
+    paths, as written); `..` is still refused."""
+    import os
+    from pipeline.data.datasets import is_inside
+    names = [os.path.normpath(f) for f in filenames]
+    escapes = lambda n: n == ".." or n.startswith(".." + os.sep) or (root is not None and os.path.isabs(n))  # noqa: E731
+    base = Path(root) if root is not None else Path()
+    try:
+        folder = base / os.path.commonpath([os.path.dirname(n) or "." for n in names if not escapes(n)] or ["."])
+    except ValueError:        # absolute and relative entries mixed (no root recorded)
+        folder = base
+    bad = [f for f, n in zip(filenames, names) if escapes(n) or not is_inside(base / n, folder)]
+    if bad:
+        raise UserError(f"{where}: {len(bad)} of the split's {len(names)} image paths lead outside the image folder "
+                        f"{folder} (a '..' or absolute /filenames entry, or a symbolic link leading out), e.g. "
+                        f"{bad[0]!r}; the site would copy a file from elsewhere. Remove the link(s), or extract the "
+                        f"cache again from the dataset folder.")
+    return folder
+
+
 def run_labels(run_dirs: Sequence[Path]) -> list[str]:
     """Run directory names, or parent/name where two names are the same."""
     names = [Path(r).name for r in run_dirs]
@@ -116,7 +140,7 @@ def run_browse(run: str | Path | None, split: str, cfg, *, compare: str | Path |
 
     bcfg = bcfg or BrowseConfig()
     feats = [features, compare_features]
-    loaded, labels, out = _members(run, compare, out, split, feats, image_root, cfg, log)
+    loaded, labels, out, folder = _members(run, compare, out, split, feats, image_root, cfg, log)
     decoded = []
     for r, f, label in zip(loaded, feats, labels):
         log(f"{label}: decoding {split} (beam {cfg.beam}) ...")
@@ -140,13 +164,15 @@ def run_browse(run: str | Path | None, split: str, cfg, *, compare: str | Path |
     title = " vs ".join(labels) + f" — {split}"
     data = SiteData(title=title, split=split, image_ids=[str(i) for i in first.image_ids], image_paths=paths,
                     references=references, runs=results, grid=grid, objects=objects,
-                    frame=frame if objects is not None else None, notes=notes, train_references=store.captions_of("train")[1])
+                    frame=frame if objects is not None else None, notes=notes, train_references=store.captions_of("train")[1],
+                    image_root=folder)
     return write_site(data, out, bcfg, log=log)
 
 
-def _members(run, compare, out, split: str, feats: list, image_root, cfg, log) -> tuple[list, list[str], Path]:
-    """The run (and --compare RUN2) loaded, their labels and the site's directory; refuses, before any decoding,
-    an --out that is not an earlier site, a wrong cache or --images, and two runs of different images."""
+def _members(run, compare, out, split: str, feats: list, image_root, cfg, log) -> tuple[list, list[str], Path, Path]:
+    """The run (and --compare RUN2) loaded, their labels, the site's directory and the images' folder; refuses,
+    before any decoding, an --out that is not an earlier site, a wrong cache or --images, image paths that
+    lead out of their folder, and two runs of different images."""
     from pipeline.device import resolve_device
     from pipeline.inference import shipped
     from pipeline.inference.score import split_rows
@@ -169,12 +195,16 @@ def _members(run, compare, out, split: str, feats: list, image_root, cfg, log) -
     # refuse a comparison of different images before decoding anything
     stores = [runs.open_run_features(r.ckpt, r.run_dir, f or None) for r, f in zip(loaded, feats)]
     ids = [[st.image_ids[k] for k in split_rows(st, split)] for st in stores]
+    names = [stores[0].filenames[k] for k in split_rows(stores[0], split)]
     if image_root is not None:
-        check_image_root(Path(image_root), [stores[0].filenames[k] for k in split_rows(stores[0], split)])
+        check_image_root(Path(image_root), names)
+    recorded = stores[0].attrs.get("dataset_root")
+    folder = images_folder(Path(image_root) if image_root is not None else Path(recorded) if recorded else None,
+                           names, where=f"{stores[0].path}" + (f" (--images {image_root})" if image_root else ""))
     if len(loaded) > 1:
         check_same_images(ids[0], ids[1], what_a=f"run {loaded[0].run_dir} ({stores[0].path})",
                           what_b=f"run {loaded[1].run_dir} ({stores[1].path})", split=split)
-    return loaded, labels, out
+    return loaded, labels, out, folder
 
 
 def _results(decoded: list, labels: list[str], references: list[list[str]], split: str, notes: list[str],

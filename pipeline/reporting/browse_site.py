@@ -83,6 +83,7 @@ class SiteData:
     frame: tuple[int, int] | None = None     # (H, W) pixel frame of the boxes
     notes: list[str] = field(default_factory=list)
     train_references: list[str] | None = None  # the cache's training captions: which captions are copies
+    image_root: Path | None = None           # the images' folder: a picture leading out of it is not copied
 
 
 # -- the site -------------------------------------------------------------------------------------
@@ -184,7 +185,8 @@ def _in_box(maps: np.ndarray, named: list[list[int]], objs: list[dict], grid, fr
 
 def check_replaceable(out: Path) -> None:
     """Refuse to replace a path that is not an earlier site (e.g. --out . or a run directory)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
+    from pipeline.fileio import is_own_dir
+    if not is_own_dir(out, MARKER):
         raise UserError(f"{out}: exists and is not a site written by `pipeline browse` (no {MARKER} in it); "
                         f"it would be replaced. Pass another --out, or remove it first.")
 
@@ -242,7 +244,7 @@ def _write(data: SiteData, site: Path, cfg: BrowseConfig, log) -> dict:
     ps = cfg.page_size
     pages = max(1, math.ceil(n / ps))
 
-    sizes, missing = _thumbnails(data, order, site, cfg)
+    sizes, missing = _thumbnails(data, order, site, cfg, log)
     index = _index(data, order, sort, sizes, missing, pages, cfg)
     (site / "data" / "index.js").write_text(_js("BROWSE.index", index), encoding="utf-8")
     for p in range(pages):
@@ -256,17 +258,27 @@ def _write(data: SiteData, site: Path, cfg: BrowseConfig, log) -> dict:
     return {"pages": pages, "missing": len(missing), "bytes": total, "img_bytes": img_bytes, "data_bytes": data_bytes}
 
 
-def _thumbnails(data: SiteData, order: np.ndarray, site: Path, cfg: BrowseConfig) -> tuple[list, list[int]]:
-    """img/000000.jpg, ... in site order -> ((w, h) of each, the site positions of missing images)."""
-    sizes, missing = [], []
+def _thumbnails(data: SiteData, order: np.ndarray, site: Path, cfg: BrowseConfig, log) -> tuple[list, list[int]]:
+    """img/000000.jpg, ... in site order -> ((w, h) of each, the site positions of missing images). A picture
+    that leads out of `data.image_root` (a link planted since browse.images_folder checked) is not read:
+    it is shown as missing, and said."""
+    from pipeline.data.datasets import is_inside
+    sizes, missing, outside = [], [], []
     for j, i in enumerate(order):
-        wh = _thumbnail(data.image_paths[i], site / "img" / f"{j:06d}.jpg", cfg.thumb, cfg.quality)
+        src = data.image_paths[i]
+        if src is not None and data.image_root is not None and not is_inside(src, data.image_root):
+            outside.append(str(src))
+            src = None
+        wh = _thumbnail(src, site / "img" / f"{j:06d}.jpg", cfg.thumb, cfg.quality)
         if wh is None:
             missing.append(j)
             wh = (cfg.thumb, cfg.thumb)
         sizes.append(wh)
     if missing:
         _placeholder(site / "img" / "missing.jpg", cfg.thumb)
+    if outside:
+        log(f"note: {len(outside)} picture(s) lead outside the image folder {data.image_root} (a symbolic link "
+            f"leading out, e.g. {outside[0]}): not copied into the site, shown as missing.")
     return sizes, missing
 
 
@@ -309,7 +321,7 @@ def _page(data: SiteData, idx: np.ndarray, *, start: int) -> dict:
     for r in data.runs:
         grid = tuple(r.grid or data.grid)
         L = grid[0] * grid[1]
-        maps = []
+        maps, img = [], []
         for i in idx:
             m = np.asarray(r.maps[i], np.float32)
             if m.size == 0:
@@ -318,7 +330,10 @@ def _page(data: SiteData, idx: np.ndarray, *, start: int) -> dict:
                 raise ValueError(f"{r.label}: attention maps of image {data.image_ids[i]} are {m.shape}, not "
                                  f"(words {len(r.words[i])}, regions {L} of the grid {grid})")
             maps.append(base64.b64encode(quantize_maps(m)).decode("ascii"))
+            img.append(m.astype(np.float64).sum(1))     # per word: 1 - the visual sentinel's share (decoder/model.py)
         entry = {"maps": maps}
+        if any(np.any(np.abs(x - 1) > 1e-3) for x in img):     # a decoder with the sentinel (viz.image_shares)
+            entry["img"] = [np.round(x, 3).tolist() for x in img]
         if data.objects is not None and data.frame:
             named = [_named(r.words[i], data.objects[i] or []) for i in idx]
             entry["named"] = named

@@ -38,13 +38,30 @@ def upsample_alpha(alpha: np.ndarray, grid: tuple[int, int], upscale: int = 16, 
     return (big - lo) / (hi - lo) if hi > lo else np.zeros_like(big)
 
 
+SHARE_TOLERANCE = 1e-3   # maps summing to 1 within this are a plain soft decoder's: no image share drawn
+
+
+def image_shares(alphas: np.ndarray) -> np.ndarray | None:
+    """Per word, how much it came from the image: sum_i alpha_ti = 1 - beta_t for a decoder with the visual
+    sentinel (decoder/model.py: its maps are the region slots of an (L+1)-way softmax), or None when every
+    map sums to 1 (no sentinel: all of every word came from the image). alphas (T, L) -> (T,)."""
+    a = np.asarray(alphas, np.float64)
+    shares = a.reshape(len(a), -1).sum(1) if a.size else np.zeros(len(a))
+    return shares if bool(np.any(np.abs(shares - 1.0) > SHARE_TOLERANCE)) else None
+
+
 def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str | Path, *,
                      grid: tuple[int, int] = (14, 14), upscale: int = 16, cols: int = 5,
-                     title: str | None = None) -> Path:
+                     title: str | None = None, shares: Sequence[float] | None | str = "auto") -> Path:
     """Save the image followed by one panel per word: the word's attention map over the image.
 
     image: PIL image (shown at gh*upscale x gw*upscale, 224 for 14x14); alphas (T, L) aligned with words.
+    shares (T,): how much each word came from the image (1 - the sentinel's share), written under its map
+    ("img 0.83"); "auto": image_shares(alphas), so a decoder with the sentinel gets them and others do not;
+    None: none.
     """
+    if isinstance(shares, str):
+        shares = image_shares(alphas)
     plt = _plt()
     from PIL import Image
 
@@ -55,7 +72,8 @@ def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str |
     n = len(words) + 1
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    height = 2.6 if shares is None else 2.8                              # room for the shares under the maps
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, height * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(img)
@@ -66,6 +84,9 @@ def attention_figure(image, words: Sequence[str], alphas: np.ndarray, out: str |
         # bright where attended, dark elsewhere, as in the paper's figures
         ax.imshow(upsample_alpha(alphas[i], grid, upscale), cmap="gray", alpha=0.7, vmin=0, vmax=1)
         ax.set_title(w, fontsize=11)
+        if shares is not None:
+            ax.text(0.5, -0.03, f"img {float(shares[i]):.2f}", transform=ax.transAxes, ha="center", va="top",
+                    fontsize=8, color="0.25")
     return _save(fig, out)
 
 

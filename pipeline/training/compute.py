@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import distributed as dist_mod
-from pipeline.provenance import COMPUTE_KEYS, ComputeMeter
+from pipeline.provenance import COMPUTE_KEYS, ComputeMeter, energy_kwh
 
 
 def lap(meter: ComputeMeter, device: torch.device) -> dict:
@@ -38,7 +38,9 @@ def restore(ckpt: dict) -> tuple[dict, dict]:
 
 
 def summary(c: dict) -> str:
-    """'compute so far: 12.3 min wall, 0.41 CPU h[, 0.20 GPU h][ (not counted before epoch 3)]'."""
+    """'compute so far: 12.3 min wall, 0.41 CPU h[, 0.20 GPU h], ~0.0026 kWh[ (not counted before epoch 3)]'
+    (kWh: provenance.energy_kwh, an estimate)."""
     return (f"compute so far: {c.get('wall_s', 0) / 60:.1f} min wall, {c.get('cpu_s', 0) / 3600:.2f} CPU h"
             + (f", {c['gpu_s'] / 3600:.2f} GPU h" if c.get("gpu_s") else "")
+            + f", ~{energy_kwh(dict(c, cpu_s=c.get('cpu_s', 0))):.2g} kWh"
             + (f" (not counted before epoch {c['unknown_before']['epoch']})" if c.get("unknown_before") else ""))

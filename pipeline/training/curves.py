@@ -1,4 +1,6 @@
-"""A run's training curves (curves.png) from its log.jsonl: losses in one panel, val metrics in another."""
+"""A run's training curves (curves.png) from its log.jsonl: losses in one panel, val metrics in another.
+The picture is written like every file of a run (figures.save_figure: atomically, never through a link
+planted at its name)."""
 from __future__ import annotations
 
 from pathlib import Path

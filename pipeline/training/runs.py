@@ -1,6 +1,8 @@
 """The run directory: its files, the checkpoint schema, and how the other stages find a run.
 
     runs/<name>/
+      .pipeline-run      marker (MARKER): `pipeline train` made this folder and may write into it; it refuses
+                         any other non-empty folder (check_run_dir) rather than overwrite a user's files
       .lock              held (flock) by the process training this run: a second one is refused
       config.json        the run's settings (train + decoder), its features (paths + provenance), vocab
                          size; rewritten whenever `--resume` changes a setting
@@ -21,16 +23,19 @@ Imports flow one way: runs.py uses model/text/cache; train, score, caption and b
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from pipeline.errors import UserError
-from pipeline.fileio import FileLock, atomic_write, write_text
+from pipeline.fileio import FileLock, atomic_write, is_own_dir, torch_load, write_json, write_text
 
 CHECKPOINT_FORMAT = 2
+MARKER = ".pipeline-run"
 LOG_FIELDS = ("epoch", "step", "objective", "loss", "nll", "reg", "reward", "lr", "bleu1", "bleu2", "bleu3",
               "bleu4", "cider", "select", "best", "train_s", "val_s", "captions_per_s", "time")
 
@@ -46,18 +51,21 @@ CHECKPOINT_KEYS = frozenset({
     "format_version", "model", "optimizer", "scheduler", "rng", "epoch", "batch_in_epoch", "step", "best_score",
     "best_epoch", "bad_epochs", "history", "epoch_acc", "select_metric", "vocab", "decoder_config", "train_config",
     "features", "feature_dim", "num_regions"})
-OPTIONAL_KEYS = frozenset({"code_version", "finished", "init_from", "compute"})   # absent from some older files
+OPTIONAL_KEYS = frozenset({"code_version", "finished", "init_from", "compute",   # absent from some older files
+                           "ema"})                                               # only with --ema (ema.py)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     """A checkpoint dict, upgraded to CHECKPOINT_FORMAT; a file that is not one (a key missing or
-    unknown, settings this code does not know) is one UserError naming it."""
-    import torch
+    unknown, settings this code does not know, pickled objects) is one UserError naming it.
+    mmap: tensors mapped, not read (to compare checkpoints cheaply)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint. Train first (`pipeline train`), or check --run.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch_load(path, "checkpoint", mmap=mmap)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
         raise UserError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}).") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
@@ -250,8 +258,70 @@ def check_features(ckpt: dict, st, *, where: str) -> None:
                         f"the run was trained on {ckpt['num_regions']}x{ckpt['feature_dim']}.")
 
 
-def run_lock(run_dir: Path) -> FileLock:
-    return FileLock(Path(run_dir) / ".lock", f"run {run_dir}")
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold a run while this process trains it (yields the FileLock), after refusing a folder not made by
+    `pipeline train` (check_run_dir), a second trainer, a last.pt of another run; marks the folder (MARKER)."""
+    check_run_dir(run_dir := Path(run_dir))
+    with FileLock(run_dir / ".lock", f"run {run_dir}") as lock:
+        check_run_files(run_dir)
+        if new := not (run_dir / MARKER).is_file() or (run_dir / MARKER).is_symlink():
+            write_json(run_dir / MARKER, {"made_by": "pipeline train", "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        try:
+            yield lock
+        finally:      # nothing written after all (a refused setting): the folder is left as it was found
+            if new and sorted(q.name for q in run_dir.iterdir()) == sorted((".lock", MARKER)):
+                (run_dir / MARKER).unlink()
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a --run that exists, is not empty and holds no MARKER (a user's folder: its config.json, log.csv
+    would be overwritten); a run made before the marker still counts (a pid in its .lock, or a checkpoint)."""
+    lock = run_dir / ".lock"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if lock.is_file() and not lock.is_symlink() and lock.read_bytes()[:64].decode().strip().isdigit():
+            return
+    if is_own_dir(run_dir, MARKER) or run_dir.is_dir() and any(
+            not (run_dir / n).is_symlink() and _identity(run_dir / n) for n in ("last.pt", "best.pt")):
+        return
+    raise UserError(f"--run {run_dir}: " + (f"is a folder that `pipeline train` did not make (no {MARKER} in it)" if
+                    run_dir.is_dir() else "is not a folder") + "; training would overwrite the files there (config"
+                    ".json, log.csv, ...). Pass a new or empty folder (e.g. --run runs/NAME), or move those files away.")
+
+
+def check_run_files(run_dir: Path) -> None:
+    """Refuse a last.pt of another run (other sizes or words than best.pt's, or config.json's before a best.pt):
+    a resume would rewrite config.json to it while best.pt stays the other model. Nothing is written before."""
+    last, other = run_dir / "last.pt", run_dir / "best.pt"
+    if not last.is_file():
+        return
+    found, ref = _identity(last, quiet=False), _identity(other, quiet=False) if other.is_file() else None
+    if ref is None:
+        other, cfg = run_dir / "config.json", read_config(run_dir)
+        with contextlib.suppress(UserError, TypeError, AttributeError, KeyError, ValueError):
+            ref = _identity({"decoder_config": cfg["decoder"], "vocab_size": int(cfg["vocab_size"])})
+    diff = [f"{k} {found[k]} ({other.name}: {v})" for k, v in (ref or {}).items() if v is not None and found[k] != v]
+    if diff:
+        raise UserError(f"{last}: is not this run's checkpoint (copied from another run?): its {'; '.join(diff[:2])}. "
+                        f"Nothing was written. Put back the run's own last.pt, or train that run in a folder of its "
+                        f"own (--init-from {last.parent} starts a new run from a run's weights).")
+
+
+def _identity(ckpt: dict | Path, quiet: bool = True) -> dict | None:
+    """What no resume changes, of a checkpoint or its file (None, if quiet, for one that is not of this code):
+    the decoder's non-default settings, the vocabulary's size and words, the features' size."""
+    import hashlib
+    from pipeline.config import DecoderConfig, defaults
+    with contextlib.suppress(UserError) if quiet else contextlib.nullcontext():
+        ckpt = load_checkpoint(ckpt, mmap=True) if isinstance(ckpt, Path) and ckpt.is_file() else ckpt
+    if not isinstance(ckpt, dict):
+        return None
+    dc, base = DecoderConfig.from_dict(ckpt["decoder_config"]).to_dict(), defaults(DecoderConfig)
+    itos = (ckpt.get("vocab") or {}).get("itos")
+    return {"decoder settings": ", ".join(f"{k}={v}" for k, v in sorted(dc.items()) if v != base.get(k)) or "defaults",
+            "vocabulary size": len(itos) if itos else ckpt.get("vocab_size"),
+            "vocabulary words (sha256)": hashlib.sha256("\n".join(itos).encode()).hexdigest()[:12] if itos else None,
+            "features": f"{ckpt['num_regions']}x{ckpt['feature_dim']}" if "feature_dim" in ckpt else None}
 
 
 # -- logs -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ class of this module is pickled into them.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import write_json
 from pipeline.provenance import COMPUTE_KEYS, add_compute, code_version
 from pipeline.training import compute as compute_mod, runs
+from pipeline.training.ema import WeightAverage
 from pipeline.training.data import Data, Features, check_splits, fits_in_memory, make_data
 
 # Settings a --resume may change: how long and where to run, not what is trained.
@@ -68,12 +70,16 @@ class TrainState:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(cfg, param_groups(model, cfg.top_lr))   # a fine-tuned top: its own lr
         self.scheduler = _scheduler(cfg, self.optimizer)
+        self.ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None   # --ema: ema.py
         self.progress = Progress()
 
     def to_checkpoint(self, finished: bool) -> dict:
+        """With --ema, `model` is the average (what validation decoded) and `ema` the weights being trained."""
         p = self.progress
+        model, ema = (self.model.state_dict(), None) if self.ema is None else \
+            self.ema.to_checkpoint(self.model.state_dict())
         return {"format_version": runs.CHECKPOINT_FORMAT, "code_version": code_version(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": model, **({"ema": ema} if ema is not None else {}), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state(self.device),
                 "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "step": p.step, "best_score": p.best_score,
                 "best_epoch": p.best_epoch, "bad_epochs": p.bad_epochs, "history": p.history,
@@ -84,12 +90,18 @@ class TrainState:
 
     def from_checkpoint(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:     # `model` was the average: the training weights back from `ema`
+            self.ema.restore(ckpt.get("ema"), where="last.pt")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], self.device)
         acc, compute = compute_mod.restore(ckpt)     # a checkpoint from before compute recording: from here
         self.progress = Progress(ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"], ckpt["best_score"],
                                  ckpt["best_epoch"], ckpt["bad_epochs"], ckpt["history"], acc, compute)
+
+    def validation_weights(self):
+        """A context in which the model holds the weights validation decodes with: the average with --ema."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def add_compute(self, lap: dict) -> None:
         """A stretch of compute (ComputeMeter.lap, summed over ranks) into the run's and the epoch's totals."""
@@ -166,7 +178,11 @@ def _tuples(x):
 
 # -- setup ------------------------------------------------------------------------------------------
 def _resume_cfg(ckpt: dict, overrides: dict, run_dir: Path) -> TrainConfig:
-    saved = dict(ckpt["train_config"])
+    """The run's training settings with the resume's changes. `overrides` are the options given (training and
+    decoder ones); one equal to the saved value is no change, so a run's own command line repeated resumes it.
+    A real change of a setting not in RESUMABLE (no decoder setting is) is refused, naming them all."""
+    train_cfg = dict(ckpt["train_config"])
+    saved = {**train_cfg, **DecoderConfig.from_dict(ckpt["decoder_config"]).to_dict()}   # no name is in both
     changed = {k: v for k, v in overrides.items() if saved.get(k) != v}
     fixed = sorted(k for k in changed if k not in RESUMABLE)
     if fixed:
@@ -174,7 +190,7 @@ def _resume_cfg(ckpt: dict, overrides: dict, run_dir: Path) -> TrainConfig:
                         + ", ".join(f"--{k.replace('_', '-')} {changed[k]!r} (it was trained with {saved.get(k)!r})"
                                     for k in fixed)
                         + " cannot change. Start a new run (--init-from to start from this one's weights).")
-    return TrainConfig.from_dict(dict(saved, **changed))
+    return TrainConfig.from_dict(dict(train_cfg, **changed))
 
 
 def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *, resume: bool, overrides: dict,

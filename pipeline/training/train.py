@@ -8,7 +8,8 @@
 One epoch of cross-entropy = every training caption once, in batches of one caption length
 (batching.py); one epoch of self-critical training = every training image once. After each epoch the
 model captions every val image, the `select_metric` (val BLEU-4 or CIDEr) selects best.pt, drives the
-plateau LR schedule and early stopping (--patience).
+plateau LR schedule and early stopping (--patience). With --ema DECAY, validation decodes with the
+moving average of the weights (ema.py), which is what best.pt and last.pt hold as `model`.
 
 `TrainState` (state.py) holds everything a run is (model, optimizer, schedule, RNG, counters, history,
 settings, vocabulary, the features' provenance) and builds the checkpoint dict in one place
@@ -33,6 +34,7 @@ from pipeline import distributed as dist_mod
 from pipeline.config import DecoderConfig, TrainConfig  # noqa: F401  (DecoderConfig re-exported for callers)
 from pipeline.data.text import Vocab
 from pipeline.errors import UserError
+from pipeline.device import tune_cpu_allocator
 from pipeline.provenance import ComputeMeter
 from pipeline.training import compute as compute_mod, runs
 from pipeline.training.batching import epoch_plan
@@ -74,6 +76,8 @@ def train_one_epoch(state: TrainState, data: Data, net, *, deadline: float, echo
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
         opt.step()
+        if state.ema is not None:      # --ema: the moving average follows every step (ema.py)
+            state.ema.update()
         p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
         sums += torch.stack([loss.detach(), parts["nll"], parts["reg"], parts.get("reward", sums[3] * 0)]) * w
         acc["steps"] += 1
@@ -173,6 +177,8 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
     state, data, dinfo = setup(cfg, dcfg, run_dir, resume=resume, overrides=overrides, echo=echo,
                                init_loader=init_loader)
     meter.gpus = int(state.device.type == "cuda")
+    if state.device.type == "cpu":
+        tune_cpu_allocator()        # reuse the step's large buffers instead of page-faulting them each step
     echo = echo if dinfo.is_main else (lambda *_: None)
     cfg, p, model = state.cfg, state.progress, state.model
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
@@ -187,8 +193,9 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
             _save(state, run_dir, dinfo, finished=False)
             break
         model.eval()
-        metrics, caps = evaluate(model, data.features, data.refs, state.vocab, cfg, state.device) \
-            if dinfo.is_main else ({}, [""])
+        with state.validation_weights():     # --ema: the average decodes, selects best.pt
+            metrics, caps = evaluate(model, data.features, data.refs, state.vocab, cfg, state.device) \
+                if dinfo.is_main else ({}, [""])
         model.train()
         state.add_compute(compute_mod.lap(meter, state.device))
         best = state.end_epoch(dist_mod.broadcast_object(metrics), echo)   # the other ranks wait here

@@ -476,6 +476,7 @@
       P.maps = decodeMaps(rd.maps[j]);
       P.named = rd.named ? rd.named[j] : null;
       P.inbox = rd.inbox ? rd.inbox[j] : null;
+      P.img = rd.img ? rd.img[j] : null;   // decoders with the visual sentinel: each word's share from the image
       P.objects = data.objects ? data.objects[j] : null;
       if (P.objects && IX.frame) drawBoxes(P);
       update(P);
@@ -516,6 +517,7 @@
     const ib = P.inbox ? P.inbox[t] : null;
     if (ib) text += `: ${(100 * ib[0]).toFixed(0)}% of its attention in the named box${named.length > 1 ? "es" : ""} ` +
                     `(${(100 * ib[1]).toFixed(0)}% of the image)`;
+    if (P.img) text += ` · ${(100 * P.img[t]).toFixed(0)}% from the image (the rest from the LSTM's memory)`;
     P.info.textContent = text;
   }
 

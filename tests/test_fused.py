@@ -1,0 +1,132 @@
+"""The optimised training step (decoder/fused.py kernels, decoder/deferred.py weight gradients) against the
+eager step: the same loss and gradients to float32 rounding. The eager step is itself checked against the
+paper's equations by hand (tests/test_model.py), so this closes the chain."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import DecoderConfig
+from pipeline.decoder import fused
+from pipeline.decoder.deferred import StepLinear
+from pipeline.decoder.model import Decoder
+
+needs_kernels = pytest.mark.skipif(not fused.available(), reason=f"fused kernels not built here "
+                                   f"({fused._kernels.get('error', 'switched off')}): needs g++ (the machine's "
+                                   f"toolchain); the eager step runs instead")
+
+
+@pytest.fixture
+def eager_off():
+    old = fused.set_eager(False)
+    yield
+    fused.set_eager(old)
+
+
+def _grads(model, fn, eager: bool, seed: int = 1):
+    """loss, {name: grad} of fn(model) with the eager or the optimised step (same RNG stream)."""
+    old = fused.set_eager(eager)
+    try:
+        torch.manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        loss = fn(model)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        fused.set_eager(old)
+
+
+def _check_same(model, fn):
+    l0, g0 = _grads(model, fn, eager=True)
+    l1, g1 = _grads(model, fn, eager=False)
+    assert g0.keys() == g1.keys() and len(g0) >= 10
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=2e-6, msg=lambda m: f"{k}: {m}")
+
+
+@needs_kernels
+def test_kernels_equal_the_formula_at_odd_sizes(eager_off):
+    torch.manual_seed(0)
+    B, L, A = 3, 5, 37                                   # A not a multiple of the vector width: the tail path
+    att_a, q, w, de = torch.randn(B, L, A) * 2, torch.randn(B, A), torch.randn(A), torch.randn(B, L)
+    e, t = fused.forward(att_a, q, w)
+    t_ref = torch.tanh(att_a + q[:, None])
+    torch.testing.assert_close(t, t_ref, rtol=0, atol=5e-7)
+    torch.testing.assert_close(e, t_ref @ w, rtol=1e-5, atol=1e-5)
+    d_ref = de[:, :, None] * (1 - t_ref ** 2) * w
+    grad, dq, dw = fused.backward(t, w, de, None)                        # writes a new buffer
+    torch.testing.assert_close(grad, d_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dq, d_ref.sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, (de[:, :, None] * t_ref).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    prior = torch.randn(B, L, A)
+    acc, _, _ = fused.backward(t, w, de, prior.clone())                 # accumulates in place
+    torch.testing.assert_close(acc, prior + d_ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_training_step_equals_the_eager_step(attention):
+    """Teacher forcing with every dropout on and the doubly stochastic penalty: loss and all gradients."""
+    cfg = DecoderConfig(embed_dim=24, hidden_dim=32, attention_dim=40, attention=attention, dropout=0.2,
+                        embed_dropout=0.1, context_dropout=0.1, hidden_dropout=0.1)
+    torch.manual_seed(0)
+    model = Decoder(cfg, 60, 20).train()
+    feats, toks = torch.randn(6, 9, 20), torch.randint(4, 60, (6, 8))
+
+    def loss(m):
+        out = m(feats, toks)
+        nll = torch.nn.functional.cross_entropy(out["logits"].reshape(-1, 60), toks[:, 1:].reshape(-1))
+        extra = out["logp_s"].sum() * 0.1 if attention == "hard" else 0.0
+        return nll + ((1 - out["alphas"].sum(1)) ** 2).sum() + extra
+    _check_same(model, loss)
+
+
+@needs_kernels
+def test_sampling_step_equals_the_eager_step():
+    """Decoder.sample (SCST: ctx rows repeated per sample, no shared gradient buffer) and att_a used twice."""
+    cfg = DecoderConfig(embed_dim=16, hidden_dim=24, attention_dim=32)
+    torch.manual_seed(0)
+    model = Decoder(cfg, 40, 12).train()
+    feats = torch.randn(3, 7, 12)
+
+    def loss(m):
+        out = m.sample(feats, 2, 6)
+        return -(out["logp"] * out["mask"]).sum()
+    _check_same(model, loss)
+
+
+def test_step_linear_defers_the_weight_gradient_and_keeps_its_value():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 7)
+    xs = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
+
+    def run(deferred: bool):
+        lin.zero_grad(set_to_none=True)
+        f = StepLinear(lin) if deferred else lin
+        h = torch.zeros(4, 7)
+        for x in xs:                                     # a recurrence: each step reads the previous output
+            h = torch.tanh(f(x) + h)
+        h.pow(2).sum().backward()
+        return lin.weight.grad.clone(), lin.bias.grad.clone(), [x.grad.clone() for x in xs]
+    w1, b1, x1 = run(True)
+    for x in xs:
+        x.grad = None
+    w0, b0, x0 = run(False)
+    torch.testing.assert_close(w1, w0)
+    torch.testing.assert_close(b1, b0)
+    for a, b in zip(x1, x0):
+        torch.testing.assert_close(a, b)
+    assert StepLinear(lin).active
+    with torch.no_grad():
+        assert not StepLinear(lin).active                # decoding: the module itself
+
+
+def test_eager_switch_and_environment(monkeypatch):
+    old = fused.set_eager(True)
+    try:
+        assert fused.eager() and not fused.available()
+        assert not StepLinear(torch.nn.Linear(2, 2)).active
+    finally:
+        fused.set_eager(old)
+    assert fused.eager() == old
