@@ -23,15 +23,12 @@ def options_from(cls, *, skip: tuple = ()):
     which ones were given (a --resume changes only those) and the dataclass fills in the rest."""
     from dataclasses import fields
 
-    defaults = config.defaults(cls)
-
     def deco(f):
         for fld in reversed(fields(cls)):
             m = fld.metadata
             if not m.get("cli", True) or fld.name in skip:
                 continue
-            d = defaults[fld.name]
-            shown = "off" if d is False else "on" if d is True else (d if d != "" else "none")
+            d, shown = config.shown_default(cls, fld.name)
             kw = {"default": None, "help": f"{m['help']} [default: {shown}]"}
             if m.get("choices"):
                 kw["type"] = click.Choice([str(c) for c in m["choices"]])

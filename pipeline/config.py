@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.errors import UserError
 
@@ -60,6 +60,16 @@ def defaults(cls) -> dict:
     return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}
 
 
+def shown_default(cls, name: str) -> tuple[Any, str]:
+    """(the default, as --help shows it): off/on, none for "", and for a default by objective (a None field
+    of a class with BY_OBJECTIVE) the cross-entropy value with every objective's shown, "xe 15, scst 20"."""
+    d = defaults(cls)[name]
+    if d is None and name in getattr(cls, "BY_OBJECTIVE", {}).get("xe", {}):
+        per = {o: v[name] for o, v in cls.BY_OBJECTIVE.items()}
+        return per["xe"], ", ".join(f"{o} {v}" for o, v in per.items())
+    return d, "off" if d is False else "on" if d is True else (d if d != "" else "none")
+
+
 # Settings a saved run may lack because it was written before they existed: the value that keeps such a
 # run doing what it did (not today's default, which may have changed since). `from_dict` fills them in.
 LEGACY: dict[str, dict[str, Any]] = {
@@ -68,7 +78,10 @@ LEGACY: dict[str, dict[str, Any]] = {
     "TrainConfig": {"label_smoothing": 0.0, "weight_decay": 0.0, "lr_schedule": "plateau",
                     # val decoding before the decoding rules existed: no length norm, nothing masked
                     "length_norm": 0.0, "block_trigrams": False, "remove_bad_endings": False, "suppress_unk": False,
-                    "scst_reward_end": False, "ema": 0.0},
+                    "scst_reward_end": False, "ema": 0.0,
+                    # the recipe before 2026-12-06 (docs/results.md "Seed spread"): every run saved since holds
+                    # these keys, so this only guards a config written by hand without them
+                    "epochs": 20, "lr_factor": 0.8, "beam": 1},
 }
 
 
@@ -155,29 +168,29 @@ class TrainConfig(DecodingRules):
     init_from: str = setting("", "Start from this run's best.pt weights, decoder settings and vocabulary "
                                  "(a new run; e.g. SCST after cross-entropy), or from a shipped model's "
                                  "(a models/ name or folder, `pipeline models`).")
-    epochs: int = setting(20, "Epochs in total.", ge=1)
+    epochs: int = setting(None, "Epochs in total.", ge=1)
     batch_size: int = setting(64, "xe: captions per step (one length each); scst: images per step.", ge=1)
     optimizer: str = setting("adam", "adam, adamw (decoupled weight decay) or rmsprop (the paper's for Flickr8k).",
                              choices=("adam", "adamw", "rmsprop"))
     lr: float = setting(4e-4, "Learning rate.", gt=0)
     weight_decay: float = setting(0.0, "Weight decay (L2 for adam/rmsprop, decoupled for adamw).", ge=0)
     grad_clip: float = setting(5.0, "Max global gradient norm (0: off).", ge=0)
-    ema: float = setting(0.0, "Exponential moving average of the decoder's weights, its decay per optimizer step "
+    ema: float = setting(None, "Exponential moving average of the decoder's weights, its decay per optimizer step "
                               "(e.g. 0.999; 0: off). On: validation decodes with the average, which selects "
                               "best.pt; best.pt and last.pt hold it as their model (last.pt also the weights "
                               "being trained, to resume). docs/training.md.", ge=0, lt=1)
     label_smoothing: float = setting(0.1, "xe: label smoothing epsilon (0: the plain NLL).", ge=0, lt=1)
-    lr_schedule: str = setting("plateau", "plateau: lr x lr-factor after lr-patience epochs without a better val "
+    lr_schedule: str = setting(None, "plateau: lr x lr-factor after lr-patience epochs without a better val "
                                           "score; step: lr x lr-factor every lr-step epochs; none.",
                                choices=("plateau", "step", "none"))
-    lr_factor: float = setting(0.8, "LR decay factor of the schedule.", gt=0, le=1)
+    lr_factor: float = setting(None, "LR decay factor of the schedule.", gt=0, le=1)
     lr_patience: int = setting(2, "plateau schedule: epochs without a better val score before a decay.", ge=0)
     lr_step: int = setting(3, "step schedule: epochs between decays.", ge=1)
     patience: int = setting(4, "Early stop after this many epochs without a better val score.", ge=1)
     select_metric: str = setting("auto", "Val metric that selects best.pt and drives the plateau schedule and early "
                                          "stopping: bleu4, cider, or auto (cider for scst, bleu4 for xe).",
                                  choices=("auto", "bleu4", "cider"))
-    beam: int = setting(1, "Val decoding beam (1: greedy).", ge=1)
+    beam: int = setting(None, "Val decoding beam (1: greedy), which selects best.pt.", ge=1)
     max_len: int = setting(30, "Drop training captions longer than this (words); also the val decoding limit.", ge=1)
     min_count: int = setting(5, "Vocabulary: minimum word count in the train captions.", ge=1)
     scst_samples: int = setting(5, "scst: captions sampled per image.", ge=1)
@@ -207,9 +220,21 @@ class TrainConfig(DecodingRules):
                                 "view (a cache made with extract --flip), drawn from the seed; 'left' and 'right' "
                                 "are exchanged in the flipped view's caption. Validation reads the original view.")
 
+    # The settings whose default depends on --objective (a field above defaulting to None takes its value from
+    # here, by objective; a run saves the value it got). xe: the recipe measured on Flickr8k VGG19, three seeds
+    # against three of the recipe before it (docs/results.md "Default recipe"); scst: the recipe its runs used,
+    # unchanged (an SCST epoch is ~94 steps at 64 images, so a 0.999 average would span ten epochs).
+    BY_OBJECTIVE: ClassVar[dict] = {
+        "xe": {"epochs": 15, "ema": 0.999, "lr_schedule": "step", "lr_factor": 0.5, "beam": 3},
+        "scst": {"epochs": 20, "ema": 0.0, "lr_schedule": "plateau", "lr_factor": 0.8, "beam": 1},
+    }
+
     def __post_init__(self):
         one = isinstance(self.features, (str, os.PathLike))
         self.features = tuple(str(f) for f in ([self.features] if one else self.features))
+        for name, value in self.BY_OBJECTIVE.get(self.objective, self.BY_OBJECTIVE["xe"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         check(self)
         if self.flip and self.objective == "scst":
             raise UserError("--flip draws views per caption (cross-entropy); --objective scst does not read them.")

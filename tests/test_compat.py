@@ -3,11 +3,13 @@ from today's defaults (which changed: dropouts 0.3 and label smoothing 0.1 becam
 setting a run predates takes the value of the code that wrote it (config.LEGACY)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers_store import make_store
 from pipeline import config
 from pipeline.config import DecoderConfig, TrainConfig
+from pipeline.errors import UserError
 from pipeline.decoder.decode import beam_search
 from pipeline.training import runs
 from pipeline.training.runs import load_run
@@ -72,3 +74,23 @@ def test_a_saved_value_wins_over_legacy_and_default():
     assert DecoderConfig.from_dict(saved).embed_dropout == 0.2
     del saved["context_dropout"]
     assert DecoderConfig.from_dict(saved).context_dropout == 0.0     # LEGACY, not today's 0.3
+
+
+def test_recipe_defaults_by_objective_and_saved_runs_keep_theirs():
+    """The cross-entropy recipe changed on 2026-12-06 (EMA 0.999, x0.5 every 3 epochs, 15 epochs, beam-3 val);
+    SCST keeps the recipe its runs used. A value given wins; a saved run keeps what it saved; --help shows both."""
+    xe, scst = TrainConfig(), TrainConfig(objective="scst", init_from="runs/x")
+    assert (xe.epochs, xe.ema, xe.lr_schedule, xe.lr_factor, xe.beam) == (15, 0.999, "step", 0.5, 3)
+    assert (scst.epochs, scst.ema, scst.lr_schedule, scst.lr_factor, scst.beam) == (20, 0.0, "plateau", 0.8, 1)
+    assert TrainConfig(ema=0.0, beam=1).ema == 0.0 and TrainConfig(ema=0.0, beam=1).beam == 1
+    saved = {**vars(TrainConfig(objective="scst", init_from="runs/x")), "features": []}
+    assert TrainConfig.from_dict(saved).lr_schedule == "plateau"          # not re-resolved
+    old = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in ("ema", "epochs", "beam")} | {"objective": "xe"})
+    assert (old.ema, old.epochs, old.beam) == (0.0, 20, 1)                   # LEGACY: the recipe before
+    with pytest.raises(UserError, match="--lr-schedule 'fast'"):
+        TrainConfig(lr_schedule="fast")
+    from click.testing import CliRunner
+    from pipeline.cli import main
+    out = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "--epochs INTEGER Epochs in total. [default: xe 15, scst 20]" in out
+    assert "best.pt. [default: xe 3, scst 1]" in out

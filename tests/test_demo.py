@@ -35,6 +35,7 @@ def test_demo_end_to_end(tmp_path):
     given = dict(zip(TRAIN_ARGS[::2], TRAIN_ARGS[1::2]))
     assert (saved["train"]["lr"], saved["train"]["label_smoothing"], saved["train"]["epochs"]) == (1e-3, 0.0, 2)
     assert [saved["decoder"][k] for k in ("embed_dropout", "context_dropout", "hidden_dropout")] == [0.0] * 3
+    assert [saved["train"][k] for k in ("ema", "lr_schedule", "lr_factor", "beam")] == [0.0, "plateau", 0.8, 1]
     assert given["--lr"] == "1e-3" and saved["decoder"]["attention"] == given["--attention"] == "soft"
 
     # the scores are pycocoevalcap's figures of the captions written, against every reference of the cache

@@ -92,7 +92,7 @@ def test_ema_validates_with_the_average_and_leaves_training_unchanged(feats, tmp
         return real(model, *a, **k)
     monkeypatch.setattr(train_mod, "evaluate", spy)
     plain, averaged = {}, {}
-    train(_cfg(feats), DecoderConfig(**SMALL), tmp_path / "plain", echo=_quiet,
+    train(_cfg(feats, ema=0.0), DecoderConfig(**SMALL), tmp_path / "plain", echo=_quiet,
           on_step=lambda s, loss: plain.__setitem__(s, loss.item()))
     at_val.clear()
     res = train(_cfg(feats, ema=0.9), DecoderConfig(**SMALL), tmp_path / "ema", echo=_quiet,
@@ -128,12 +128,13 @@ def test_resume_of_a_run_with_ema_is_bit_exact(feats, tmp_path):
 
 def test_a_run_saved_before_ema_existed_resumes_unchanged(feats, tmp_path):
     """A last.pt and config.json without the `ema` key: the run resumes without an average (LEGACY 0.0), as
-    the code that wrote it trained, and its checkpoints stay without `ema`."""
-    assert TrainConfig.from_dict({}).ema == 0.0 and TrainConfig().ema == 0.0
+    the code that wrote it trained (not today's default 0.999), and its checkpoints stay without `ema`."""
+    assert TrainConfig.from_dict({}).ema == 0.0 and TrainConfig().ema == 0.999
     dcfg, ref, got = DecoderConfig(**SMALL), {}, {}
-    train(_cfg(feats), dcfg, tmp_path / "a", echo=_quiet, on_step=lambda s, loss: ref.__setitem__(s, loss.item()))
+    train(_cfg(feats, ema=0.0), dcfg, tmp_path / "a", echo=_quiet,
+          on_step=lambda s, loss: ref.__setitem__(s, loss.item()))
     run = tmp_path / "old"
-    train(_cfg(feats, max_steps=2), dcfg, run, echo=_quiet, on_step=lambda s, loss: got.__setitem__(s, loss.item()))
+    train(_cfg(feats, ema=0.0, max_steps=2), dcfg, run, echo=_quiet, on_step=lambda s, loss: got.__setitem__(s, loss.item()))
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert "ema" not in ckpt
     del ckpt["train_config"]["ema"]

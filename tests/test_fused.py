@@ -65,6 +65,30 @@ def test_kernels_equal_the_formula_at_odd_sizes(eager_off):
 
 
 @needs_kernels
+@pytest.mark.parametrize("keep", [True, False])
+def test_grouped_kernels_equal_the_formula(eager_off, keep):
+    """G rows of q share one image's att_a (SCST's samples): e, and the gradient summed per image, with t
+    kept by forward or recomputed by backward (keep=False), written or added into a buffer."""
+    torch.manual_seed(0)
+    B, G, L, A = 3, 4, 5, 37
+    att_a, q, w, de = torch.randn(B, L, A) * 2, torch.randn(B * G, A), torch.randn(A), torch.randn(B * G, L)
+    t_ref = torch.tanh(att_a.repeat_interleave(G, 0) + q[:, None])       # (B*G, L, A)
+    e, t = fused.forward(att_a, q, w, G, keep)
+    assert (t is None) != keep
+    torch.testing.assert_close(e, t_ref @ w, rtol=1e-5, atol=1e-5)
+    d_ref = de[:, :, None] * (1 - t_ref ** 2) * w
+    grad, dq, dw = fused.backward(t, w, de, None, att_a, q, G)
+    torch.testing.assert_close(grad, d_ref.view(B, G, L, A).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq, d_ref.sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, (de[:, :, None] * t_ref).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    prior = torch.randn(B, L, A)
+    acc, _, _ = fused.backward(t, w, de, prior.clone(), att_a, q, G)
+    torch.testing.assert_close(acc, prior + d_ref.view(B, G, L, A).sum(1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not 3 images x 5 groups"):
+        fused.forward(att_a, q, w, 5)
+
+
+@needs_kernels
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_training_step_equals_the_eager_step(attention):
     """Teacher forcing with every dropout on and the doubly stochastic penalty: loss and all gradients."""
@@ -84,7 +108,8 @@ def test_training_step_equals_the_eager_step(attention):
 
 @needs_kernels
 def test_sampling_step_equals_the_eager_step():
-    """Decoder.sample (SCST: ctx rows repeated per sample, no shared gradient buffer) and att_a used twice."""
+    """Decoder.sample (SCST): the samples of an image share its ctx row (grouped kernels, t recomputed in
+    backward, the shared gradient buffer) against the eager broadcast over the same rows."""
     cfg = DecoderConfig(embed_dim=16, hidden_dim=24, attention_dim=32)
     torch.manual_seed(0)
     model = Decoder(cfg, 40, 12).train()

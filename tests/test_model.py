@@ -4,7 +4,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.decoder.attention import _AttentionScore, _attention_score_nograd, gumbel_locations
-from pipeline.decoder.model import Decoder, DecoderConfig, count_flops
+from pipeline.decoder.model import Decoder, DecoderConfig, count_flops, draw
 from pipeline.training.objectives import update_baseline, xe_loss
 
 V, C, L = 23, 12, 196
@@ -407,6 +407,24 @@ def test_gumbel_locations_follow_alpha_and_wrong_samplers_do_not():
              "alpha as logits": (alpha + g).argmax(1)}
     for name, w in wrong.items():
         assert _max_gap(w, alpha) > 4 * GUMBEL_TOL, name
+
+
+def test_word_draws_follow_the_distribution_and_never_a_zero_weight():
+    """Decoder.sample's word sampler (inverse CDF): 200,000 draws from one unnormalised distribution with zero
+    weights (first, inside, last) follow p_i within GUMBEL_TOL and never pick a zero-weight index; the same
+    check refuses a sampler that forgets the weights are unnormalised (u ~ U[0, 1) against a total of 2)."""
+    w = torch.tensor([0.0, 0.8, 0.5, 0.0, 0.3, 0.2, 0.12, 0.08, 0.0])     # sums to 2, not 1
+    N = 200_000
+    probs = w.expand(N, -1).contiguous()
+    torch.manual_seed(0)
+    s = draw(probs)
+    assert s.shape == (N,) and s.dtype == torch.long
+    assert not torch.isin(s, torch.tensor([0, 3, 8])).any()
+    assert _max_gap(s, w / w.sum()) < GUMBEL_TOL
+    cdf = probs.cumsum(1)
+    unscaled = torch.searchsorted(cdf, torch.rand(N, 1), right=True).squeeze(1)
+    assert _max_gap(unscaled, w / w.sum()) > 4 * GUMBEL_TOL
+    assert draw(torch.tensor([[0.0, 0.0, 1e-30]])).item() == 2     # a tiny last weight: still inside
 
 
 def test_hard_attention_training_reads_locations_drawn_from_alpha():

@@ -8,8 +8,9 @@ q = W_h h_{t-1} (per caption and step), w the score vector:
     hard:  z_t = a_{s_t},  s_t ~ Multinomial(alpha_t)        [4.1]: `sampled_context` (training),
                                                              `location_context` (decoding, by choice)
 
-Groups: the K beams of an image share one row of (a, att_a) (beam search, `Decoder.ctx_per_image`): with
-`groups` = K, q and the result have B*K rows and row r reads image r // K; nothing is copied per beam.
+Groups: the K beams of an image share one row of (a, att_a) (beam search, `Decoder.ctx_per_image`), and so do
+the K captions SCST samples per image (`Decoder.sample`, soft attention): with `groups` = K, q and the result
+have B*K rows and row r reads image r // K; nothing is copied per beam or sample.
 
 `scores` is the one way the decoder computes e_t; it picks the fastest kernel for where it runs, all giving
 the same values (tests/test_model.py, tests/test_fused.py): the fused C++ kernels of decoder/fused.py when
@@ -53,22 +54,31 @@ class _AttentionScore(torch.autograd.Function):
 class _FusedScore(torch.autograd.Function):
     """e_ti = w^T tanh(att_a_i + q) by the fused kernels (decoder/fused.py): one pass forward, one backward.
     When att_a came through `prepare`, backward adds its (B, L, A) gradient into the buffer the whole caption
-    shares and returns None for att_a (`_Sink` hands the buffer to autograd once); otherwise it returns it."""
+    shares and returns None for att_a (`_Sink` hands the buffer to autograd once); otherwise it returns it.
+    groups > 1 (SCST's samples of one image share its row): the (B * groups, L, A) tanh is not kept but
+    recomputed in backward from the shared rows, so no per-sample copy of att_a exists in either pass."""
 
     @staticmethod
-    def forward(ctx, att_a, q, w):                  # att_a (B, L, A), q (B, A), w (A,)
-        e, t = fused.forward(att_a, q, w)           # e (B, L), t (B, L, A) = tanh(att_a + q)
-        ctx.save_for_backward(t, w)
+    def forward(ctx, att_a, q, w, groups=1):        # att_a (B, L, A), q (B * groups, A), w (A,)
+        keep = groups == 1                          # one row per caption: keeping t is the faster of the two
+        e, t = fused.forward(att_a, q, w, groups, keep)     # e (B * groups, L), t = tanh(att_a + q) or None
+        ctx.save_for_backward(*((t, w) if keep else (att_a, q, w)))
+        ctx.groups, ctx.keep = groups, keep
         ctx.sink = getattr(att_a, "_grad_sink", None)
         return e
 
     @staticmethod
-    def backward(ctx, de):                          # de (B, L)
-        t, w = ctx.saved_tensors
+    def backward(ctx, de):                          # de (B * groups, L)
+        if ctx.keep:
+            (t, w), att_a, q = ctx.saved_tensors, None, None
+        else:
+            (att_a, q, w), t = ctx.saved_tensors, None
+        prior = None if ctx.sink is None else ctx.sink.get("grad")
+        grad, dq, dw = fused.backward(t, w, de, prior, att_a, q, ctx.groups)
         if ctx.sink is None:
-            return fused.backward(t, w, de, None)
-        ctx.sink["grad"], dq, dw = fused.backward(t, w, de, ctx.sink.get("grad"))
-        return None, dq, dw
+            return grad, dq, dw, None
+        ctx.sink["grad"] = grad
+        return None, dq, dw, None
 
 
 class _Sink(torch.autograd.Function):
@@ -140,6 +150,8 @@ def scores(att_a: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, groups: i
     if not torch.is_grad_enabled() and att_a.device.type == "cpu" and not autocast:
         # decoding on CPU: chunked, cache-sized (same values; the autograd paths below are for training)
         return _attention_score_nograd(att_a, q, weight[0], groups)                     # (B*G, L)
+    if groups > 1 and not autocast and fused.applies(att_a):    # SCST training in fp32 on CPU: shared rows
+        return _FusedScore.apply(att_a, q, weight[0], groups)                           # (B*G, L)
     if groups > 1:                              # shared ctx elsewhere (GPU, bf16): broadcast, no copy
         return F.linear(torch.tanh(att_a[:, None] + q.view(B, groups, 1, A)), weight).view(B * groups, L)
     if autocast:                                # bf16: leave it to autograd (the custom op is fp32/64)

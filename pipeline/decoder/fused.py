@@ -36,27 +36,25 @@ static constexpr int64_t V = Vec::size();
 static inline Vec tanh_(Vec x) { return Vec(1.f) - Vec(2.f) / ((x + x).exp() + Vec(1.f)); }
 """
 
-# forward: e[r] = sum_a w[a] tanh(P[r, a] + q[r / L, a]); t[r, a] = the tanh (r = b * L + i).
+# forward: e[s, i] = sum_a w[a] tanh(P[s / G, i, a] + q[s, a]) for state row s = b * G + g (G rows of q share
+# image b's P: the K samples of an image in SCST); t[s, i, a] = the tanh, written only when `store` (else
+# backward recomputes it). Row r = s * L + i: a thread's rows are consecutive, so an image's P (L x A, 400 KB at
+# 196 x 512) is read from memory once for its G rows and then from cache.
 _FORWARD = _PRELUDE + r"""
 extern "C" void kernel(const float* P, const float* q, const float* w, float* e, float* t,
-                       int64_t B, int64_t L, int64_t A, int64_t nt)
+                       int64_t B, int64_t G, int64_t L, int64_t A, int64_t store, int64_t nt)
 {
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < B * L; ++r) {
-        const float* p = P + r * A;
-        const float* qb = q + (r / L) * A;
-        float* tr = t + r * A;
+    for (int64_t r = 0; r < B * G * L; ++r) {
+        const int64_t s = r / L, i = r - s * L;
+        const float* p = P + ((s / G) * L + i) * A;
+        const float* qs = q + s * A;
+        float* tr = t + (store ? r * A : 0);
         Vec acc(0.f);
-        int64_t a = 0;
-        for (; a + V <= A; a += V) {
-            Vec y = tanh_(Vec::loadu(p + a) + Vec::loadu(qb + a));
-            y.store(tr + a);
-            acc = at::vec::fmadd(y, Vec::loadu(w + a), acc);
-        }
-        if (a < A) {
-            int64_t n = A - a;
-            Vec y = tanh_(Vec::loadu(p + a, n) + Vec::loadu(qb + a, n));
-            y.store(tr + a, n);
+        for (int64_t a = 0; a < A; a += V) {
+            const int64_t n = A - a < V ? A - a : V;
+            Vec y = tanh_(Vec::loadu(p + a, n) + Vec::loadu(qs + a, n));
+            if (store) y.store(tr + a, n);
             acc = at::vec::fmadd(y, Vec::loadu(w + a, n), acc);
         }
         e[r] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
@@ -64,36 +62,61 @@ extern "C" void kernel(const float* P, const float* q, const float* w, float* e,
 }
 """
 
-# backward: d[r, a] = de[r] (1 - t[r, a]^2) w[a]; G (+)= d; dq[b] = sum_i d[b, i]; dwp[thread] += de t.
-# dq (B, A) and dwp (nt, A) arrive zeroed; G is written (accumulate 0) or added to (accumulate 1).
+# backward: d[s, i, a] = de[s, i] (1 - t^2) w[a], t as stored, or recomputed from P and q (`recompute`);
+# Gr[b, i] (+)= sum_g d[b * G + g, i] (image b's rows; written when not `accumulate`, else added to);
+# dq[s] = sum_i d[s, i]; dwp[thread] += de t. dq (B * G, A) and dwp (nt, A) arrive zeroed. Parallel over
+# images: each thread owns its images' Gr rows, so no two threads write one.
 _BACKWARD = _PRELUDE + r"""
-extern "C" void kernel(const float* t, const float* w, const float* de, float* G, float* dq, float* dwp,
-                       int64_t B, int64_t L, int64_t A, int64_t accumulate, int64_t nt)
+template <bool RECOMPUTE, bool ADD>
+static inline void row(const float* tr, const float* pr, const float* qs, const float* w, float de,
+                       float* gr, float* dqs, float* dwl, int64_t A)
+{
+    const Vec gd(de);
+    for (int64_t a = 0; a < A; a += V) {
+        const int64_t n = A - a < V ? A - a : V;
+        Vec tt = RECOMPUTE ? tanh_(Vec::loadu(pr + a, n) + Vec::loadu(qs + a, n)) : Vec::loadu(tr + a, n);
+        Vec d = gd * Vec::loadu(w + a, n) * (Vec(1.f) - tt * tt);
+        (ADD ? Vec::loadu(gr + a, n) + d : d).store(gr + a, n);
+        (Vec::loadu(dqs + a, n) + d).store(dqs + a, n);
+        at::vec::fmadd(gd, tt, Vec::loadu(dwl + a, n)).store(dwl + a, n);
+    }
+}
+
+template <bool RECOMPUTE>
+static void images(const float* t, const float* P, const float* q, const float* w, const float* de,
+                   float* Gr, float* dq, float* dwp, int64_t B, int64_t G, int64_t L, int64_t A,
+                   bool accumulate, int64_t nt)
 {
     #pragma omp parallel num_threads(nt)
     {
         float* dwl = dwp + omp_get_thread_num() * A;
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
-            float* dqb = dq + b * A;
-            for (int64_t i = 0; i < L; ++i) {
-                int64_t r = b * L + i;
-                const float* tr = t + r * A;
-                float* gr = G + r * A;
-                Vec g(de[r]);
-                int64_t a = 0;
-                for (; a < A; a += V) {
-                    int64_t n = A - a < V ? A - a : V;
-                    Vec tt = Vec::loadu(tr + a, n);
-                    Vec d = g * Vec::loadu(w + a, n) * (Vec(1.f) - tt * tt);
-                    Vec o = accumulate ? Vec::loadu(gr + a, n) + d : d;
-                    o.store(gr + a, n);
-                    (Vec::loadu(dqb + a, n) + d).store(dqb + a, n);
-                    at::vec::fmadd(g, tt, Vec::loadu(dwl + a, n)).store(dwl + a, n);
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t s = b * G + g;
+                for (int64_t i = 0; i < L; ++i) {
+                    const int64_t r = s * L + i;
+                    const float* tr = RECOMPUTE ? nullptr : t + r * A;
+                    const float* pr = RECOMPUTE ? P + (b * L + i) * A : nullptr;
+                    float* gr = Gr + (b * L + i) * A;
+                    if (accumulate || g > 0)
+                        row<RECOMPUTE, true>(tr, pr, q + s * A, w, de[r], gr, dq + s * A, dwl, A);
+                    else
+                        row<RECOMPUTE, false>(tr, pr, q + s * A, w, de[r], gr, dq + s * A, dwl, A);
                 }
             }
         }
     }
+}
+
+extern "C" void kernel(const float* t, const float* P, const float* q, const float* w, const float* de,
+                       float* Gr, float* dq, float* dwp, int64_t B, int64_t G, int64_t L, int64_t A,
+                       int64_t recompute, int64_t accumulate, int64_t nt)
+{
+    if (recompute)
+        images<true>(t, P, q, w, de, Gr, dq, dwp, B, G, L, A, accumulate, nt);
+    else
+        images<false>(t, P, q, w, de, Gr, dq, dwp, B, G, L, A, accumulate, nt);
 }
 """
 
@@ -106,10 +129,8 @@ def _build():
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "No CUDA runtime is found" on CPU
     from torch._inductor.codecache import CppPythonBindingsCodeCache as Cache
     f32, i64 = "const float*", "int64_t"
-    fwd = Cache.load_pybinding([f32, f32, f32, "float*", "float*", i64, i64, i64, i64], _FORWARD,
-                               needs_vec_isa=True)
-    bwd = Cache.load_pybinding([f32, f32, f32, "float*", "float*", "float*", i64, i64, i64, i64, i64], _BACKWARD,
-                               needs_vec_isa=True)
+    fwd = Cache.load_pybinding([f32, f32, f32, "float*", "float*"] + [i64] * 6, _FORWARD, needs_vec_isa=True)
+    bwd = Cache.load_pybinding([f32] * 5 + ["float*"] * 3 + [i64] * 7, _BACKWARD, needs_vec_isa=True)
     return fwd, bwd
 
 
@@ -152,22 +173,39 @@ def applies(att_a: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and available())
 
 
-def forward(att_a: torch.Tensor, q: torch.Tensor, w: torch.Tensor):
-    """att_a (B, L, A), q (B, A), w (A,) fp32 -> e (B, L), t (B, L, A) = tanh(att_a + q)."""
+def forward(att_a: torch.Tensor, q: torch.Tensor, w: torch.Tensor, groups: int = 1, keep: bool = True):
+    """att_a (B, L, A), q (B * groups, A), w (A,) fp32 -> e (B * groups, L) and t (B * groups, L, A) =
+    tanh(att_a[r // groups] + q[r]) when `keep` (None otherwise: `backward` recomputes it)."""
     att_a, q, w = att_a.contiguous(), q.contiguous(), w.contiguous()
     B, L, A = att_a.shape
-    e, t = att_a.new_empty(B, L), torch.empty_like(att_a)
-    _kernels["forward"](att_a, q, w, e, t, B, L, A, torch.get_num_threads())
-    return e, t
+    R = q.size(0)
+    if R != B * groups:
+        raise ValueError(f"q has {R} rows, not {B} images x {groups} groups")
+    e = att_a.new_empty(R, L)
+    t = att_a.new_empty(R, L, A) if keep else att_a.new_empty(1)
+    _kernels["forward"](att_a, q, w, e, t, B, groups, L, A, int(keep), torch.get_num_threads())
+    return e, (t if keep else None)
 
 
-def backward(t: torch.Tensor, w: torch.Tensor, de: torch.Tensor, grad: torch.Tensor | None):
-    """d = de (1 - t^2) w added into `grad` (B, L, A) (a new buffer when None); returns grad, dq (B, A), dw (A,)."""
-    B, L, A = t.shape
+def backward(t: torch.Tensor | None, w: torch.Tensor, de: torch.Tensor, grad: torch.Tensor | None,
+             att_a: torch.Tensor | None = None, q: torch.Tensor | None = None, groups: int = 1):
+    """d = de (1 - t^2) w, summed over each image's `groups` rows and added into `grad` (B, L, A) (a new
+    buffer when None); t (B * groups, L, A) as `forward` kept it, or None to recompute it from att_a (B, L, A)
+    and q (B * groups, A). Returns grad, dq (B * groups, A), dw (A,)."""
+    R, L = de.shape
+    A = w.numel()
+    B = R // groups
     nt = torch.get_num_threads()
-    de = de.contiguous().float()
+    de, w = de.contiguous().float(), w.contiguous()
+    dummy = w.new_empty(1)
+    if t is None:
+        att_a, q = att_a.contiguous(), q.contiguous()
+    else:
+        t = t.contiguous()
     accumulate = grad is not None
-    grad = torch.empty_like(t) if grad is None else grad
-    dq, dwp = t.new_zeros(B, A), t.new_zeros(nt, A)
-    _kernels["backward"](t, w.contiguous(), de, grad, dq, dwp, B, L, A, int(accumulate), nt)
+    grad = w.new_empty(B, L, A) if grad is None else grad
+    dq, dwp = w.new_zeros(R, A), w.new_zeros(nt, A)
+    _kernels["backward"](dummy if t is None else t, dummy if t is not None else att_a,
+                         dummy if t is not None else q, w, de, grad, dq, dwp, B, groups, L, A,
+                         int(t is None), int(accumulate), nt)
     return grad, dq, dwp.sum(0)
