@@ -150,14 +150,12 @@ def scores(att_a: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, groups: i
     if not torch.is_grad_enabled() and att_a.device.type == "cpu" and not autocast:
         # decoding on CPU: chunked, cache-sized (same values; the autograd paths below are for training)
         return _attention_score_nograd(att_a, q, weight[0], groups)                     # (B*G, L)
-    if groups > 1 and not autocast and fused.applies(att_a):    # SCST training in fp32 on CPU: shared rows
+    if fused.applies(att_a):                    # training in fp32 on CPU (no autocast): the fused kernels
         return _FusedScore.apply(att_a, q, weight[0], groups)                           # (B*G, L)
     if groups > 1:                              # shared ctx elsewhere (GPU, bf16): broadcast, no copy
         return F.linear(torch.tanh(att_a[:, None] + q.view(B, groups, 1, A)), weight).view(B * groups, L)
     if autocast:                                # bf16: leave it to autograd (the custom op is fp32/64)
         return F.linear(torch.tanh(att_a + q[:, None]), weight).squeeze(2)              # (B, L)
-    if fused.applies(att_a):                    # training in fp32 on CPU: the fused kernels
-        return _FusedScore.apply(att_a, q, weight[0])                                   # (B, L)
     return _AttentionScore.apply(att_a, q, weight[0])                                   # (B, L)
 
 

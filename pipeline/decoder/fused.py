@@ -203,15 +203,10 @@ def backward(t: torch.Tensor | None, w: torch.Tensor, de: torch.Tensor, grad: to
     B = R // groups
     nt = torch.get_num_threads()
     de, w = de.contiguous().float(), w.contiguous()
-    dummy = w.new_empty(1)
-    if t is None:
-        att_a, q = att_a.contiguous(), q.contiguous()
-    else:
-        t = t.contiguous()
+    dummy = w.new_empty(1)                          # for the pointers the kernel does not read
+    src = (t.contiguous(), dummy, dummy) if t is not None else (dummy, att_a.contiguous(), q.contiguous())
     accumulate = grad is not None
     grad = w.new_empty(B, L, A) if grad is None else grad
     dq, dwp = w.new_zeros(R, A), w.new_zeros(nt, A)
-    _kernels["backward"](dummy if t is None else t, dummy if t is not None else att_a,
-                         dummy if t is not None else q, w, de, grad, dq, dwp, B, groups, L, A,
-                         int(t is None), int(accumulate), nt)
+    _kernels["backward"](*src, w, de, grad, dq, dwp, B, groups, L, A, int(t is None), int(accumulate), nt)
     return grad, dq, dwp.sum(0)
