@@ -292,8 +292,9 @@ def score(run_dirs, features, models, **kw):
     one file per decoding), score (BLEU, METEOR, ROUGE-L, CIDEr, and SPICE when its jars are installed: make spice)
     into scores_<split>.<decoding>.json."""
     from pipeline.inference.score import run_score
-    run_score(members(run_dirs, models), config.ScoreConfig(**given(config.ScoreConfig, kw)), list(features) or None,
-              log=click.echo)
+    from pipeline.inference.shipped import card_decoding    # a lone shipped model: its chosen beam / length norm
+    cfg = config.ScoreConfig(**{**card_decoding(run_dirs, models), **given(config.ScoreConfig, kw)})
+    run_score(members(run_dirs, models), cfg, list(features) or None, log=click.echo)
 
 
 @main.command()
@@ -310,7 +311,9 @@ def caption(images, run_dirs, models, weights_, **kw):
     """Caption photos (files or folders) with a run or shipped model: IMAGE<TAB>caption, or rows to --out (resumable)."""
     from pipeline.inference.caption_batch import caption_command
     from pipeline.reporting.viz import attention_figure
-    cfg = config.CaptionConfig(**given(config.CaptionConfig, kw), weights=tuple(weights_))
+    from pipeline.inference.shipped import card_decoding
+    opts = {**card_decoding(run_dirs, models), **given(config.CaptionConfig, kw)}   # a lone shipped model's choice
+    cfg = config.CaptionConfig(**opts, weights=tuple(weights_))
     caption_command(images, run_dirs, models, cfg, CaptionFiles(**given(CaptionFiles, kw)), draw=attention_figure,
                     echo=click.echo)
 

@@ -208,6 +208,25 @@ def test_score_with_model_reproduces_the_card_and_needs_the_cache(here, monkeypa
     assert code == 2 and "Make them with `pipeline extract --dataset test-structured --backbone tiny" in out
 
 
+def test_a_lone_model_decodes_with_its_chosen_beam_and_length_norm_unless_told(here, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    shutil.copytree(here["models"] / "tiny", models / "tiny")
+    m = json.loads((models / "tiny" / "model.json").read_text())
+    m["decoding"] = {"beam": 2, "length_norm": 0.3}
+    (models / "tiny" / "model.json").write_text(json.dumps(m))
+    monkeypatch.setenv(shipped.ENV, str(models))
+    tiny = shipped.ModelRef("tiny")
+    assert shipped.card_decoding([], [tiny]) == {"beam": 2, "length_norm": 0.3}
+    assert shipped.card_decoding([here["run"]], [tiny]) == {} and shipped.card_decoding([], []) == {}
+    assert shipped.card_decoding([], [shipped.ModelRef("tiny32")]) == {}          # not in this folder: no choice
+    out_dir = here["root"] / "runs" / "model_tiny"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    assert cli("score", "--model", "tiny", "--split", "val", "--workers", "1")[0] == 0
+    assert cli("score", "--model", "tiny", "--split", "val", "--workers", "1", "--length-norm", "0.5")[0] == 0
+    assert sorted(p.name for p in out_dir.glob("scores_val*.json")) == ["scores_val.beam2_ln0.3.json",
+                                                                       "scores_val.beam2_ln0.5.json"]
+
+
 def test_ensemble_of_a_run_and_its_fp32_export_decodes_as_the_run(here):
     from pipeline.inference.score import decode_split
     from pipeline.training.runs import load_run

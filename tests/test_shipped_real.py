@@ -4,6 +4,7 @@ the whole of their module, and the cards hold METEOR."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,8 @@ def test_real_models_reproduce_their_cards(name, monkeypatch, tmp_path):
         pytest.skip(f"the cache here was extracted in {'/'.join(sorted(made))}; the card's scores are exact for fp32 "
                     f"features (`make extract PRECISION=fp32`); bf16 vs fp32 is benchmarks/bf16_check.py's business")
     monkeypatch.chdir(tmp_path)                                        # results go to tmp_path/runs/model_NAME
-    args = m["scores"]["command"].split()[2:]
+    dec = m["scores"]["decoding"]                                      # the card's decoding, whatever the model's choice
+    args = m["scores"]["command"].split()[2:] + ["--beam", str(dec["beam"]), "--length-norm", str(dec["length_norm"])]
     code, out = cli("score", *args, *[x for p in feats for x in ("--features", p)])
     assert code == 0, out
     got = json.loads(sorted((tmp_path / "runs" / f"model_{name}").glob("scores_val*.json"))[-1].read_text())
@@ -57,3 +59,8 @@ def test_real_models_reproduce_their_cards(name, monkeypatch, tmp_path):
     if "SPICE" not in got["metrics"]:                                  # no `make spice` here: the rest must match
         card = {k: v for k, v in card.items() if k != "SPICE"}
     assert got["metrics"] == pytest.approx(card, abs=1e-6)
+    if m.get("decoding"):                      # the decoding chosen on val (its own scores), what a plain command uses
+        shutil.rmtree(tmp_path / "runs")
+        assert cli("score", *m["scores"]["command"].split()[2:], *[x for p in feats for x in ("--features", p)])[0] == 0
+        got = json.loads(next((tmp_path / "runs" / f"model_{name}").glob("scores_val*.json")).read_text())["metrics"]
+        assert {k: got[k] for k in m["decoding"]["val"]} == pytest.approx(m["decoding"]["val"], abs=1e-6)

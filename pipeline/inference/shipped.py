@@ -142,16 +142,19 @@ def list_models(root: str | Path | None = None) -> list[dict]:
 
 
 def val_metric(m: dict, metric: str = SELECT_METRIC, dtype: str | None = None) -> float | None:
-    """A val metric (in [0, 1]) of the weights as shipped (or of `dtype`: float32 / float16)."""
+    """A val metric (in [0, 1]) of the weights as shipped, decoded as the model decodes (`val_metrics`); of `dtype`
+    (float32 / float16): at the decoding the export scored with."""
     scores = m.get("scores") or {}
-    v = ((scores.get(dtype or scores.get("stored") or "") or {}).get("metrics") or {}).get(metric)
+    v = (((scores.get(dtype) or {}).get("metrics") or {}) if dtype else val_metrics(m)).get(metric)
     return float(v) if isinstance(v, (int, float)) else None
 
 
 def val_metrics(m: dict) -> dict:
-    """The val metrics of the weights as shipped."""
+    """The val metrics of the weights as shipped: at the decoding chosen for the model (model.json "decoding",
+    `card_decoding`) when it has one, else at the export's."""
     scores = m.get("scores") or {}
-    return dict((scores.get(scores.get("stored") or "") or {}).get("metrics") or {})
+    return dict((m.get("decoding") or {}).get("val") or
+                (scores.get(scores.get("stored") or "") or {}).get("metrics") or {})
 
 
 def backbones_of(m: dict) -> list[str]:
@@ -233,6 +236,17 @@ def load_model(ref: ModelRef | str, device="cpu", log=print) -> runs.LoadedRun:
             "decoder_config": m["decoder_config"], "vocab": vocab.to_dict(), "epoch": src.get("epoch"),
             "train_config": train_config, "shipped": d.name, "manifest": m, "code_version": m.get("code_version")}
     return runs.LoadedRun(d, model.to(device).eval(), vocab, ckpt, "shipped")
+
+
+def card_decoding(run_dirs: Sequence, models: Sequence) -> dict:
+    """The decoding a lone shipped model was chosen to use (model.json "decoding": beam and length norm picked on
+    val, docs/results.md#decoding-per-shipped-model), as ScoreConfig/CaptionConfig keywords; {} for runs, ensembles and
+    models without the entry (the global defaults apply). Options given on the command line override it."""
+    if run_dirs or len(models) != 1:
+        return {}
+    d = find_model(models[0].name if isinstance(models[0], ModelRef) else models[0])
+    dec = (read_manifest(d).get("decoding") or {}) if d is not None else {}
+    return {k: dec[k] for k in ("beam", "length_norm") if k in dec}
 
 
 def is_shipped(loaded: runs.LoadedRun) -> bool:
