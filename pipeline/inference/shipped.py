@@ -244,8 +244,10 @@ def card_decoding(run_dirs: Sequence, models: Sequence) -> dict:
     models without the entry (the global defaults apply). Options given on the command line override it."""
     if run_dirs or len(models) != 1:
         return {}
-    d = find_model(models[0].name if isinstance(models[0], ModelRef) else models[0])
-    dec = (read_manifest(d).get("decoding") or {}) if d is not None else {}
+    try:
+        dec = read_manifest(resolve_model(models[0])).get("decoding") or {}   # the folder --model loads
+    except UserError:
+        return {}                                                             # loading it says what is wrong
     return {k: dec[k] for k in ("beam", "length_norm") if k in dec}
 
 
