@@ -4,6 +4,7 @@ next to a fp32 GEMM (torch.mm) GFLOP/s measured in the same run on the same thre
     make bench-extract                       # defaults below
     python benchmarks/bench_extract.py --batch-sizes 1,8,32 --threads 2 --seconds 10
     python benchmarks/bench_extract.py --backbone efficientnet_lite2 --batch-sizes 4,16 --layouts channels_last
+    python benchmarks/bench_extract.py --conv onednn,gemm --batch-sizes 32 --threads 2   # fp32 convolution paths
 
 Other registry backbones (--backbone) report images/s only (their FLOPs are not counted here).
 
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.extraction.backbones import BACKBONES, load_backbone  # noqa: E402
+from pipeline.extraction.backbones import BACKBONES, conv_path, load_backbone  # noqa: E402
 from precision_common import (autocast_for, feature_errors, load_inputs, loadavg, positive_ints,  # noqa: E402
                               run_backbone, split_records, timed_alternating, write_json)
 
@@ -128,24 +129,26 @@ def bench_backbone(name: str, args, precisions: list[str]) -> dict:
     rows, inputs = [], {}
     g_prev = gemm_gflops(args.gemm_n, args.seconds)
     print(f"GEMM fp32 torch.mm {args.gemm_n}x{args.gemm_n}: {g_prev:.1f} GFLOP/s")
-    for layout in args.layouts.split(","):
+    for conv, layout in ((c, lay) for c in args.conv.split(",") for lay in args.layouts.split(",")):
+        precs = precisions if conv == "onednn" else [p for p in precisions if p == "fp32"]   # autocast: oneDNN
         for bs in positive_ints(args.batch_sizes, "--batch-sizes"):
             x, what = inputs.setdefault(None if args.images else bs, bench_input(args, spec, bs))
-            rates = precision_rates(module, x, bs, layout == "channels_last", precisions, args.seconds)
+            with conv_path(conv):
+                rates = precision_rates(module, x, bs, layout == "channels_last", precs, args.seconds)
             g_next = gemm_gflops(args.gemm_n, args.seconds)
             gemm = (g_prev + g_next) / 2
             for p, ips in rates.items():
                 gf = ips * flops / 1e9
-                rows.append({"layout": layout, "batch": bs, "precision": p, "img_s": ips, "gflops": gf,
+                rows.append({"conv": conv, "layout": layout, "batch": bs, "precision": p, "img_s": ips, "gflops": gf,
                              "gemm_gflops": gemm, "ratio": gf / gemm})
-                print(f"{spec.name} {layout:>13} batch {bs:>3} {p:>4}: {ips:6.2f} img/s  {gf:7.1f} GFLOP/s  "
-                      f"GEMM {g_prev:6.1f}/{g_next:6.1f}  ratio {gf / gemm:.2f}")
+                print(f"{spec.name} {conv:>6} {layout:>13} batch {bs:>3} {p:>4}: {ips:6.2f} img/s  {gf:7.1f} "
+                      f"GFLOP/s  GEMM {g_prev:6.1f}/{g_next:6.1f}  ratio {gf / gemm:.2f}")
             g_prev = g_next
     print(f"load average after: {loadavg()}")
     ref_rows = [r for r in rows if r["precision"] == "fp32"] or rows
     best = max(ref_rows, key=lambda r: r["ratio"] if flops == flops else r["img_s"])   # nan: FLOPs not counted
     if flops == flops:
-        print(f"best: {best['layout']} batch {best['batch']} {best['precision']}: {best['img_s']:.2f} img/s, "
+        print(f"best: {best['conv']} {best['layout']} batch {best['batch']} {best['precision']}: {best['img_s']:.2f} img/s, "
               f"{best['gflops']:.1f} GFLOP/s = {best['ratio']:.2f} x GEMM ({best['gemm_gflops']:.1f} GFLOP/s); "
               f"target >= 0.90")
     else:
@@ -166,6 +169,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default = physical cores)")
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--layouts", default="channels_last,contiguous")
+    ap.add_argument("--conv", default="onednn", help="fp32 convolution paths to time: onednn (PyTorch's default), "
+                    "gemm (mkldnn off: im2col + BLAS, what extraction takes on a CPU without AVX-512), or both")
     ap.add_argument("--gemm-n", type=int, default=4096)
     ap.add_argument("--seconds", type=float, default=8.0, help="minimum timing per measurement")
     ap.add_argument("--weights-dir", default="weights")
@@ -188,6 +193,8 @@ def parse_args(argv):
                         f"{', '.join(sorted(BACKBONES))}.")
     if bad or not precisions:
         raise UserError(f"--precision {args.precision}: choose from fp32,bf16 (comma list).")
+    if not set(args.conv.split(",")) <= {"onednn", "gemm"}:
+        raise UserError(f"--conv {args.conv}: choose from onednn,gemm (comma list).")
     if args.images is None:
         args.images = 0 if precisions == ["fp32"] else 32
     return args, names, precisions

@@ -49,6 +49,13 @@ def given(cls, kw: dict) -> dict:
     return {f.name: kw[f.name] for f in fields(cls) if kw.get(f.name) is not None}
 
 
+def decoding(cls, kw: dict, run_dirs=(), models=()) -> dict:
+    """The options of `cls` given on the command line, over the beam and length norm chosen for a lone run or
+    shipped model (shipped.chosen_decoding)."""
+    from pipeline.inference.shipped import chosen_decoding
+    return {**chosen_decoding(run_dirs, models), **given(cls, kw)}
+
+
 MODEL_HELP = ("A shipped model (`pipeline models` lists them; or a path to a model folder): with --run, or several, "
               "one more ensemble member.")
 
@@ -221,8 +228,9 @@ def extract(dataset, root, backbone, weights_, weights_dir, out, dtype, batch_si
     if res.computed == 0 and not res.bad:
         click.echo(f"{out}: already complete ({res.total} images); nothing to do (--force re-extracts).")
     else:
+        how = res.precision + (f", {res.conv} convolutions" if res.conv else "")    # fp32 on CPU: the faster path
         click.echo(f"{out}: {res.computed} images in {res.seconds:.0f}s ({res.images_per_s:.2f} img/s)" + (
-            f"; {len(res.bad)} bad recorded in /bad" if res.bad else "") + f" [{res.precision}]")
+            f"; {len(res.bad)} bad recorded in /bad" if res.bad else "") + f" [{how}]")
 
 
 @main.command()
@@ -292,8 +300,7 @@ def score(run_dirs, features, models, **kw):
     one file per decoding), score (BLEU, METEOR, ROUGE-L, CIDEr, and SPICE when its jars are installed: make spice)
     into scores_<split>.<decoding>.json."""
     from pipeline.inference.score import run_score
-    from pipeline.inference.shipped import card_decoding    # a lone shipped model: its chosen beam / length norm
-    cfg = config.ScoreConfig(**{**card_decoding(run_dirs, models), **given(config.ScoreConfig, kw)})
+    cfg = config.ScoreConfig(**decoding(config.ScoreConfig, kw, run_dirs, models))
     run_score(members(run_dirs, models), cfg, list(features) or None, log=click.echo)
 
 
@@ -311,9 +318,7 @@ def caption(images, run_dirs, models, weights_, **kw):
     """Caption photos (files or folders) with a run or shipped model: IMAGE<TAB>caption, or rows to --out (resumable)."""
     from pipeline.inference.caption_batch import caption_command
     from pipeline.reporting.viz import attention_figure
-    from pipeline.inference.shipped import card_decoding
-    opts = {**card_decoding(run_dirs, models), **given(config.CaptionConfig, kw)}   # a lone shipped model's choice
-    cfg = config.CaptionConfig(**opts, weights=tuple(weights_))
+    cfg = config.CaptionConfig(**decoding(config.CaptionConfig, kw, run_dirs, models), weights=tuple(weights_))
     caption_command(images, run_dirs, models, cfg, CaptionFiles(**given(CaptionFiles, kw)), draw=attention_figure,
                     echo=click.echo)
 
@@ -371,7 +376,7 @@ def browse(run_dirs, compare, out, features, compare_features, image_root, model
         raise UserError(f"--run given {len(run_dirs)} times: browse shows one run (or two: --run A --compare B). An "
                         f"ensemble has no single attention map per word; score it with `pipeline score "
                         f"{' '.join('--run ' + str(r) for r in run_dirs)}`.")
-    cfg = config.ScoreConfig(**given(config.ScoreConfig, kw))
+    cfg = config.ScoreConfig(**decoding(config.ScoreConfig, kw, run_dirs, [model] if model else []))
     run_dir = run_dirs[0] if run_dirs else None
     run_dir, compare = one_member(run_dir, model, "--run", "--model"), one_member(compare, compare_model, "--compare",
                                                                                    "--compare-model")
@@ -408,7 +413,7 @@ def export_cmd(run, name, force, features, train_command, limits, **kw):
     if limits is not None and not limits.is_file():
         raise UserError(f"--limits {limits}: no such file.")
     ecfg = config.ExportConfig(**given(config.ExportConfig, kw))
-    scfg = config.ScoreConfig(**given(config.ScoreConfig, kw))
+    scfg = config.ScoreConfig(**decoding(config.ScoreConfig, kw, [run], []))
     export_run(run, name, ecfg, scfg, force=force, features=list(features) or None, command=train_command,
                limits=limits.read_text() if limits else None, log=click.echo)
 
@@ -426,7 +431,8 @@ def serve(models, run_dirs, weights_, **kw):
     score, and each word's attention. Needs the optional extra: make serve."""
     from pipeline.serving.server import serve as run_server
     run_server(members(run_dirs, models), config.ServeConfig(**given(config.ServeConfig, kw)),
-               config.CaptionConfig(**given(config.CaptionConfig, kw), weights=tuple(weights_)), log=click.echo)
+               config.CaptionConfig(**decoding(config.CaptionConfig, kw, run_dirs, models), weights=tuple(weights_)),
+               log=click.echo)
 
 
 # ---- demo -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cache import readers
+from pipeline.extraction import backbones
 from pipeline.inference.caption import Encoder, open_images
 from pipeline.errors import UserError
 from pipeline.data.records import Record
@@ -44,12 +45,16 @@ def _odd_images(tmp_path):
     return paths
 
 
-def test_caption_features_equal_extracted_features_for_every_mode(tmp_path, tiny):
+@pytest.mark.parametrize("conv", ["onednn", "gemm"])
+def test_caption_features_equal_extracted_features_for_every_mode(tmp_path, tiny, monkeypatch, conv):
+    """On either convolution path (backbones.cpu_conv_path: GEMM's on a CPU without AVX-512), captioning computes
+    the features extraction stored, bit for bit."""
     paths = _odd_images(tmp_path)
     modes = [Image.open(p).mode for p in paths]
     assert {"RGBA", "P", "L", "CMYK"} <= set(modes) and any(m.startswith("I") for m in modes), modes
     recs = [Record(p.stem, p, "train", ["a picture"]) for p in paths]
     out = tmp_path / "f.h5"
+    monkeypatch.setattr(backbones, "cpu_conv_path", lambda precision, device: conv if precision == "fp32" else "")
     run(recs, out)
     st = readers.FeatureStore.open(out)
     enc = Encoder([st.provenance], weights_dir=tmp_path, device="cpu")

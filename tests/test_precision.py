@@ -74,3 +74,57 @@ def test_a_cache_from_before_precisions_resumes_as_fp32(tmp_path, tiny_bf16, mon
         run(recs, out, precision="bf16")
     assert run(recs, out).computed > 0                                  # auto: fp32, as it was made
     assert layout.read_attrs(out).get("precision") is None              # the attribute is not invented
+
+
+def _on(path: str):
+    """cpu_conv_path of a machine whose fp32 CPU convolutions take `path`."""
+    return lambda precision, device: path if (precision, device) == ("fp32", "cpu") else ""
+
+
+@pytest.mark.parametrize("capability, path", [("AVX512", "onednn"), ("AVX512_BF16", "onednn"), ("AVX2", "gemm"),
+                                              ("DEFAULT", "gemm")])
+def test_fp32_convolutions_take_gemm_on_a_cpu_without_avx512(monkeypatch, capability, path):
+    import torch
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert backbones.cpu_conv_path("fp32", "cpu") == path
+    assert backbones.cpu_conv_path("bf16", "cpu") == backbones.cpu_conv_path("fp32", "cuda") == ""   # autocast: oneDNN
+
+
+@pytest.mark.parametrize("path", ["gemm", "onednn"])
+def test_fp32_on_cpu_extracts_on_the_machines_convolution_path(tmp_path, tiny_bf16, monkeypatch, path):
+    import torch
+    from pipeline.extraction import extract
+    seen = []
+    monkeypatch.setattr(backbones, "cpu_conv_path", _on(path))
+    run_backbone = extract._run_backbone
+    monkeypatch.setattr(extract, "_run_backbone",
+                        lambda *a, **k: (seen.append(torch.backends.mkldnn.enabled), run_backbone(*a, **k))[1])
+    recs = make_records(tmp_path)
+    res = run(recs, tmp_path / "f.h5", precision="fp32")
+    assert res.conv == path and seen == [path == "onednn"]               # the extraction ran on that path
+    assert torch.backends.mkldnn.enabled                                 # ... and the global flag is restored
+    res = run(recs, tmp_path / "b.h5", precision="bf16")                 # bf16 autocast keeps oneDNN
+    assert res.conv == "" and seen[-1] is True
+    other = "onednn" if path == "gemm" else "gemm"                       # the other path: the same features
+    monkeypatch.setattr(backbones, "cpu_conv_path", _on(other))
+    assert run(recs, tmp_path / "ref.h5", precision="fp32").conv == other and seen[-1] == (other == "onednn")
+    a, b = (readers.FeatureStore.open(p).load_features() for p in (tmp_path / "f.h5", tmp_path / "ref.h5"))
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)                 # fp16 rows: one ulp at most
+
+
+def test_a_resumed_extraction_keeps_the_convolution_path_its_cache_records(tmp_path, tiny_bf16, monkeypatch):
+    import h5py
+    from pipeline.extraction import extract
+    monkeypatch.setattr(backbones, "cpu_conv_path", _on("gemm"))
+    recs = make_records(tmp_path)
+    out = tmp_path / "f.h5"
+    assert run(recs, out, precision="fp32", max_batches=1).conv == "gemm"
+    monkeypatch.setattr(backbones, "cpu_conv_path", _on("onednn"))   # another machine
+    assert run(recs, out, precision="fp32").conv == "gemm"              # the cache's path: rows never mixed
+    old = tmp_path / "old.h5"                                  # a cache begun before the path was recorded
+    run(recs, old, precision="fp32", max_batches=1)
+    with h5py.File(old, "r+") as f:
+        del f.attrs["cpu_conv"]
+    monkeypatch.setattr(backbones, "cpu_conv_path", _on("gemm"))
+    assert run(recs, old, precision="fp32").conv == "onednn"            # its rows' path: the code of before
+    assert extract.cpu_conv(out, "bf16", "cpu") == extract.cpu_conv(out, "fp32", "cuda") == ""

@@ -72,3 +72,12 @@ def test_bn_folding_keeps_the_fp32_output():
     assert ref.abs().max() > 0
     assert pc.feature_errors(ref, got)["rel_err_max"] < 1e-4
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())      # the original is untouched
+
+
+def test_bench_extract_times_the_convolution_paths_asked_and_refuses_others():
+    import bench_extract
+    from pipeline.errors import UserError
+    args, _, _ = bench_extract.parse_args(["--conv", "onednn,gemm"])
+    assert args.conv.split(",") == ["onednn", "gemm"] and bench_extract.parse_args([])[0].conv == "onednn"
+    with pytest.raises(UserError, match="--conv cudnn: choose from onednn,gemm"):
+        bench_extract.parse_args(["--conv", "cudnn"])

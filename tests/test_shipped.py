@@ -209,6 +209,8 @@ def test_score_with_model_reproduces_the_card_and_needs_the_cache(here, monkeypa
 
 
 def test_a_lone_model_decodes_with_its_chosen_beam_and_length_norm_unless_told(here, tmp_path, monkeypatch):
+    assert json.loads((here["models"] / "tiny" / "model.json").read_text())["decoding"] == {
+        "beam": 2, "length_norm": 0.7, "chosen": shipped.read_manifest(here["models"] / "tiny")["decoding"]["chosen"]}
     models = tmp_path / "models"
     shutil.copytree(here["models"] / "tiny", models / "tiny")
     m = json.loads((models / "tiny" / "model.json").read_text())
@@ -216,15 +218,35 @@ def test_a_lone_model_decodes_with_its_chosen_beam_and_length_norm_unless_told(h
     (models / "tiny" / "model.json").write_text(json.dumps(m))
     monkeypatch.setenv(shipped.ENV, str(models))
     tiny = shipped.ModelRef("tiny")
-    assert shipped.card_decoding([], [tiny]) == {"beam": 2, "length_norm": 0.3}
-    assert shipped.card_decoding([here["run"]], [tiny]) == {} and shipped.card_decoding([], []) == {}
-    assert shipped.card_decoding([], [shipped.ModelRef("tiny32")]) == {}          # not in this folder: no choice
+    assert shipped.chosen_decoding([], [tiny]) == {"beam": 2, "length_norm": 0.3}
+    assert shipped.chosen_decoding([here["run"]], [tiny]) == {}                      # an ensemble: the defaults
+    assert shipped.chosen_decoding([], [shipped.ModelRef("tiny32")]) == {}          # not in this folder: no choice
     out_dir = here["root"] / "runs" / "model_tiny"
     shutil.rmtree(out_dir, ignore_errors=True)
     assert cli("score", "--model", "tiny", "--split", "val", "--workers", "1")[0] == 0
     assert cli("score", "--model", "tiny", "--split", "val", "--workers", "1", "--length-norm", "0.5")[0] == 0
     assert sorted(p.name for p in out_dir.glob("scores_val*.json")) == ["scores_val.beam2_ln0.3.json",
                                                                        "scores_val.beam2_ln0.5.json"]
+
+
+def test_a_lone_run_decodes_with_the_decoding_its_training_recorded(here, tmp_path):
+    run = here["run"]
+    assert shipped.chosen_decoding([run], []) == {"beam": 5, "length_norm": 0.9}      # the xe recipe's, saved
+    assert shipped.chosen_decoding([], []) == {"beam": 5, "length_norm": 0.9}         # the newest run under runs/
+    old = tmp_path / "old_run"                                     # a run saved before it recorded a decoding
+    shutil.copytree(run, old)
+    cfg = json.loads((old / "config.json").read_text())
+    for k in ("decode_beam", "decode_length_norm"):
+        del cfg["train"][k]
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert shipped.chosen_decoding([old], []) == {"beam": 3, "length_norm": 0.7}      # as it was scored then
+    for f in run.glob("scores_val.*.json"):
+        f.unlink()
+    assert cli("score", "--run", run, "--split", "val", "--workers", "1")[0] == 0
+    assert cli("score", "--run", run, "--split", "val", "--workers", "1", "--beam", "2")[0] == 0
+    assert sorted(p.name for p in run.glob("scores_val.*.json")) == ["scores_val.beam2_ln0.9.json",
+                                                                   "scores_val.beam5_ln0.9.json"]
+    assert TrainConfig(objective="scst", init_from="x").decode_beam == 3               # SCST's: beam 3 / 0.7
 
 
 def test_ensemble_of_a_run_and_its_fp32_export_decodes_as_the_run(here):

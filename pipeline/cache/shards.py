@@ -41,6 +41,15 @@ def write_global_index(path: str | Path, rows: np.ndarray, rank: int, world: int
             f.attrs[k] = v
 
 
+def _cpu_conv(shards: Sequence[str | Path]) -> str:
+    """The shards' CPU convolution path (extraction's `cpu_conv` attribute), '+'-joined where they differ."""
+    seen = set()
+    for path in shards:
+        with h5py.File(path, "r") as f:
+            seen.add(str(f.attrs.get("cpu_conv", "")))
+    return "+".join(sorted(seen - {""}))
+
+
 def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode: str = "vds",
                  dataset_root: str | Path | None = None, copy_rows: int = 256) -> Path:
     """Write OUT from complete shards: the single-process layout and provenance, features/done/bad
@@ -99,6 +108,8 @@ def merge_shards(out: str | Path, shards: Sequence[str | Path], records, *, mode
             for k, v in m.attrs.items():
                 f.attrs[k] = v
             f.attrs["feature_dim"] = int(C)
+            if conv := _cpu_conv(shards):
+                f.attrs["cpu_conv"] = conv
             _copy_pictures(f, metas)
             if mode == "vds":
                 _virtual(f, out, metas, n, L, C, dt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -174,6 +175,38 @@ def resolve_precision(spec: "BackboneSpec", precision: str, device: str) -> str:
     if device == "cuda":
         return "fp16" if spec.amp == "float16" else ("bf16" if spec.bf16 else "fp32")
     return "bf16" if spec.bf16 and cpu_has_fast_bf16() else "fp32"
+
+
+def conv_memory_format(path: str):
+    """The memory format each convolution path is fed: channels_last for oneDNN's, NCHW (its native layout) for
+    PyTorch's GEMM path; at 32 images a batch GEMM's ran within 3% on either (VGG19, bench_extract.py)."""
+    import torch
+    return torch.contiguous_format if path == "gemm" else torch.channels_last
+
+
+def cpu_conv_path(precision: str, device: str) -> str:
+    """The convolution path of fp32 on CPU: "gemm" (PyTorch's im2col + BLAS GEMM, torch.backends.mkldnn off, NCHW)
+    on a CPU without AVX-512, "onednn" (PyTorch's default, channels_last) on one with it; "" on CUDA or in bf16/fp16
+    (autocast needs oneDNN). Measured on a 2-core AVX2 EPYC, VGG19 trunk, 32 images a batch, 2 threads: 4.3-4.4
+    img/s with GEMM's against 3.4 with oneDNN's (bench_extract.py --conv onednn,gemm; docs/features.md, "Convolution
+    path"); the AVX-512 Xeons this project ran on before keep oneDNN's, not measured against GEMM's there. A rule,
+    not a timing, so every process on one machine (extraction shards, captioning) computes the same features."""
+    if device != "cpu" or precision != "fp32":
+        return ""
+    import torch
+    return "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "gemm"
+
+
+@contextmanager
+def conv_path(path: str):
+    """Run the convolutions inside on `path` (cpu_conv_path): oneDNN's off for "gemm"; restored after."""
+    import torch
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = path != "gemm"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 def autocast_dtype(precision: str):

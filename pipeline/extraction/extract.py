@@ -77,6 +77,7 @@ class ExtractResult:
     seconds: float = 0.0
     compute: dict = field(default_factory=dict)    # OUT's `compute` attribute after this session
     precision: str = ""                            # what the backbone computed in (cache_precision)
+    conv: str = ""                                 # fp32 on CPU: the convolution path, onednn or gemm (cpu_conv)
 
     @property
     def images_per_s(self) -> float:
@@ -226,6 +227,9 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
     workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if workers is None else workers
     batch_size = batch_size or (32 if cuda else spec.cpu_batch)
     module = module.to(dev).to(memory_format=torch.channels_last)
+    from pipeline.extraction.backbones import conv_memory_format
+    result.conv = cpu_conv(out, precision, dev)
+    module = module.to(memory_format=(fmt := conv_memory_format(result.conv)))
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -241,9 +245,11 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
             persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
         batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
     t0 = time.perf_counter()
-    result.computed, bad = _run_backbone(module, spec, batches, out, paths, len(todo), dev=dev, dtype=dtype,
-                                         skip_bad=skip_bad, progress=progress, max_batches=max_batches, flip=flip,
-                                         precision=precision)
+    from pipeline.extraction.backbones import conv_path
+    with conv_path(result.conv):
+        result.computed, bad = _run_backbone(module, spec, batches, out, paths, len(todo), dev=dev, dtype=dtype,
+                                             skip_bad=skip_bad, progress=progress, max_batches=max_batches,
+                                             flip=flip, precision=precision, memory_format=fmt)
     result.seconds, result.bad = time.perf_counter() - t0, bad
     del batches                      # DataLoader workers end (and are waited for): their CPU time counts
     result.compute = compute.record(out, meter.lap(), dev, result.computed)
@@ -253,6 +259,28 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
                         f"Fix or remove them and re-run (finished rows are kept), or pass --skip-bad to "
                         f"record them in /bad of {out}.")
     return result
+
+
+def cpu_conv(out: Path, precision: str, dev: str) -> str:
+    """The convolution path of OUT's rows on CPU in fp32 (backbones.cpu_conv_path), "" otherwise: the one OUT
+    records (attribute `cpu_conv`; a cache with rows and no record: onednn, the only path of the code that began
+    it), else this machine's, recorded before any row is computed. One cache never mixes the two paths, so a
+    resumed extraction's rows are bit-identical to an uninterrupted one's on the machine that began it."""
+    import h5py
+    from pipeline.extraction.backbones import cpu_conv_path
+    path = cpu_conv_path(precision, dev)
+    if not path:
+        return ""
+    with h5py.File(out, "r") as f:
+        recorded = str(f.attrs.get("cpu_conv", "")) or ("onednn" if f["done"][()].any() else "")
+    if recorded:
+        return recorded
+    try:
+        with h5py.File(out, "r+") as f:
+            f.attrs["cpu_conv"] = path
+    except OSError as e:
+        raise disk_error(out, e) from e
+    return path
 
 
 def _rows_to_do(out: Path, records, prov: dict, spec, *, dtype, force, skip_bad, dataset_root,
@@ -281,13 +309,16 @@ def _rows_to_do(out: Path, records, prov: dict, spec, *, dtype, force, skip_bad,
 
 
 def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, dtype, skip_bad, progress,
-                  max_batches, flip: bool = False, precision: str = "fp32") -> tuple[int, list[str]]:
+                  max_batches, flip: bool = False, precision: str = "fp32",
+                  memory_format=None) -> tuple[int, list[str]]:
     """Backbone over the batches (backbones.Batch: rows, x (B,3,H,W), errs, pictures), rows handed to the
     writer thread; returns
     (rows computed, bad images). A writer failure (a full disk) stops it with one error. flip: the
     backbone also runs on the mirrored input x.flip(-1) (= preprocessing the mirrored image). precision: "fp32",
-    "bf16" or "fp16", resolved (autocast for the latter two)."""
+    "bf16" or "fp16", resolved (autocast for the latter two). memory_format: the input's (default channels_last;
+    NCHW for the GEMM convolutions, backbones.conv_memory_format)."""
     import torch
+    memory_format = memory_format or torch.channels_last
     from tqdm import tqdm
     cuda = dev == "cuda"
     from pipeline.extraction.backbones import autocast_dtype
@@ -302,7 +333,7 @@ def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, d
             for bi, (rows, x, errs, pictures) in enumerate(batches):
                 if max_batches is not None and bi >= max_batches:
                     break
-                x = x.to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)  # (B,3,H,W)
+                x = x.to(dev, non_blocking=cuda).contiguous(memory_format=memory_format)  # (B,3,H,W)
                 views = []
                 for xv in ((x, x.flip(-1)) if flip else (x,)):
                     with torch.autocast(dev, dtype=amp, enabled=amp is not None):

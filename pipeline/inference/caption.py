@@ -84,7 +84,8 @@ class Encoder:
     def __init__(self, provenances: Sequence[dict], *, weights_dir: str | Path = "weights",
                  weights: Sequence[str] = (), device: str = "auto", precision: str = "auto"):
         from pipeline.cache.identity import normalized
-        from pipeline.extraction.backbones import autocast_dtype, get_spec, resolve_precision
+        from pipeline.extraction.backbones import (autocast_dtype, conv_memory_format, cpu_conv_path, get_spec,
+                                                   resolve_precision)
         from pipeline.extraction.cuts import load_prefix
 
         self.device = resolve_device(device)
@@ -109,18 +110,22 @@ class Encoder:
                                 f"the features' provenance. Pass the same weights with --weights "
                                 f"{'' if len(set(names)) == 1 else name + '='}PATH (or --weights-dir).")
             stored = np.float16 if prov.get("dtype", "float16") == "float16" else np.float32
-            module = module.to(self.device).to(memory_format=torch.channels_last)
-            self.parts.append((spec, module, stored, autocast_dtype(resolve_precision(spec, precision, self.device))))
+            resolved = resolve_precision(spec, precision, self.device)
+            conv = cpu_conv_path(resolved, self.device)           # as extraction's: the same features bit for bit
+            module = module.to(self.device).to(memory_format=conv_memory_format(conv))
+            self.parts.append((spec, module, stored, autocast_dtype(resolved), conv))
 
     @torch.inference_mode()
     def __call__(self, images: list, batch_size: int = 16) -> np.ndarray:
         outs = []
-        for spec, module, stored, amp in self.parts:
+        from pipeline.extraction.backbones import conv_memory_format, conv_path
+        for spec, module, stored, amp, conv in self.parts:
             chunks = []
             for i in range(0, len(images), batch_size):
                 x = torch.stack([spec.preprocess(im) for im in images[i:i + batch_size]])     # (B, 3, H, W)
-                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device, dtype=amp, enabled=amp is not None):
+                x = x.to(self.device).contiguous(memory_format=conv_memory_format(conv))
+                with torch.autocast(self.device, dtype=amp, enabled=amp is not None), \
+                        conv_path(conv):
                     y = module(x)                                                          # (B, C, h, w)
                 chunks.append(y.float().flatten(2).transpose(1, 2).cpu().numpy().astype(stored))  # (B, L, C)
             if not chunks:

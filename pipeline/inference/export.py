@@ -267,6 +267,9 @@ def _manifest(name, loaded, entries, files, s32, s16, dtype, why, scfg, test, co
                    "decoding": {k: s32[k] for k in decoding if k in s32},
                    "float32": {k: s32[k] for k in keep if k in s32}, "float16": {k: s16[k] for k in keep if k in s16}},
         "test_decoding": test,
+        "decoding": {"beam": scfg.beam, "length_norm": scfg.length_norm,     # what --model NAME decodes with
+                     "chosen": "at export: the run's decode_beam / decode_length_norm, or export's --beam / "
+                               "--length-norm where given"},
         "source": {"run": str(loaded.run_dir), "checkpoint": loaded.which, "epoch": ck.get("epoch"),
                    "select_metric": ck.get("select_metric"), "best_score": ck.get("best_score"),
                    "train_config": ck.get("train_config"), "init_from": ck.get("init_from"),

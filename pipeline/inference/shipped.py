@@ -151,7 +151,7 @@ def val_metric(m: dict, metric: str = SELECT_METRIC, dtype: str | None = None) -
 
 def val_metrics(m: dict) -> dict:
     """The val metrics of the weights as shipped: at the decoding chosen for the model (model.json "decoding",
-    `card_decoding`) when it has one, else at the export's."""
+    `chosen_decoding`) when it has one, else at the export's."""
     scores = m.get("scores") or {}
     return dict((m.get("decoding") or {}).get("val") or
                 (scores.get(scores.get("stored") or "") or {}).get("metrics") or {})
@@ -238,17 +238,23 @@ def load_model(ref: ModelRef | str, device="cpu", log=print) -> runs.LoadedRun:
     return runs.LoadedRun(d, model.to(device).eval(), vocab, ckpt, "shipped")
 
 
-def card_decoding(run_dirs: Sequence, models: Sequence) -> dict:
-    """The decoding a lone shipped model was chosen to use (model.json "decoding": beam and length norm picked on
-    val, docs/results.md#decoding-per-shipped-model), as ScoreConfig/CaptionConfig keywords; {} for runs, ensembles and
-    models without the entry (the global defaults apply). Options given on the command line override it."""
-    if run_dirs or len(models) != 1:
+def chosen_decoding(run_dirs: Sequence, models: Sequence) -> dict:
+    """The decoding (beam, length norm) chosen for a lone run or shipped model, as ScoreConfig/CaptionConfig
+    keywords; options given on the command line override it. A shipped model: model.json "decoding" (picked on
+    val for it, docs/results.md#decoding-per-shipped-model); a run (the newest under runs/ when none is named): its
+    training settings decode_beam / decode_length_norm (a run saved before them: beam 3 / length norm 0.7, the
+    global default it was scored with). {} for ensembles and models without the entry (the global defaults)."""
+    if len(run_dirs) + len(models) > 1:
         return {}
     try:
-        dec = read_manifest(resolve_model(models[0])).get("decoding") or {}   # the folder --model loads
+        if models:
+            dec = read_manifest(resolve_model(models[0])).get("decoding") or {}   # the folder --model loads
+            return {k: dec[k] for k in ("beam", "length_norm") if k in dec}
+        train = runs.read_config(runs.resolve_run(run_dirs[0] if run_dirs else None)).get("train") or {}
     except UserError:
         return {}                                                             # loading it says what is wrong
-    return {k: dec[k] for k in ("beam", "length_norm") if k in dec}
+    from pipeline.config import LEGACY
+    return {k: train.get("decode_" + k, LEGACY["TrainConfig"]["decode_" + k]) for k in ("beam", "length_norm")}
 
 
 def is_shipped(loaded: runs.LoadedRun) -> bool:
