@@ -312,3 +312,10 @@ def test_train_init_from_a_shipped_model_starts_from_its_weights_and_vocabulary(
                     "--run", "runs/nothing")
     assert code == 2 and "--init-from no_such_model: no such run directory or shipped model" in out
     assert not Path("runs/nothing").exists()
+
+
+def test_a_run_and_its_export_record_the_precision_of_their_features(tiny):
+    run_feats = json.loads((tiny["run"] / "config.json").read_text())["features"]
+    assert [f["provenance"]["precision"] for f in run_feats] == ["fp32"]      # a cache without the attribute: fp32
+    m = shipped.read_manifest(tiny["models"] / "tiny")
+    assert [f["provenance"]["precision"] for f in m["features"]] == ["fp32"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist_mod
+from pipeline.cache import layout
 from pipeline.cache.readers import open_features
 from pipeline.config import DecoderConfig, TrainConfig
 from pipeline.data.text import Vocab
@@ -220,7 +221,8 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
     torch.manual_seed(cfg.seed)    # the model's initial weights depend on the seed only
     model = training_model(dcfg, len(vocab), st, cfg, resumed=ckpt is not None,
                            init_model=init and init.model).to(device)
-    provs = [{"path": str(p), "provenance": prov} for p, prov in zip(st.paths, st.provenances)]
+    provs = [{"path": str(p), "provenance": dict(prov, precision=layout.read_attrs(p).get("precision") or "fp32")}
+             for p, prov in zip(st.paths, st.provenances)]     # precision: informational (identity.INFO_KEYS)
     state = TrainState(cfg, dcfg, vocab, model, provs, st.feature_dim, st.num_regions, device, init_info)
     data = make_data(st, vocab, cfg, features, refs, in_ram, dinfo, echo if ckpt is None else (lambda *_: None))
 
