@@ -226,10 +226,9 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
     cuda = dev == "cuda"
     workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if workers is None else workers
     batch_size = batch_size or (32 if cuda else spec.cpu_batch)
-    module = module.to(dev).to(memory_format=torch.channels_last)
-    from pipeline.extraction.backbones import conv_memory_format
-    result.conv = cpu_conv(out, precision, dev)
-    module = module.to(memory_format=(fmt := conv_memory_format(result.conv)))
+    from pipeline.extraction.backbones import conv_memory_format, conv_path
+    result.conv = cpu_conv(out, precision, dev)                     # fp32 on CPU: onednn or gemm; else ""
+    module = module.to(dev).to(memory_format=(fmt := conv_memory_format(result.conv)))
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -245,7 +244,6 @@ def _extract(records, out: Path, *, dataset, backbone, weights, weights_dir, dty
             persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
         batches = iter(loader)     # fork the workers before the writer opens the file: no inherited HDF5 lock
     t0 = time.perf_counter()
-    from pipeline.extraction.backbones import conv_path
     with conv_path(result.conv):
         result.computed, bad = _run_backbone(module, spec, batches, out, paths, len(todo), dev=dev, dtype=dtype,
                                              skip_bad=skip_bad, progress=progress, max_batches=max_batches,
