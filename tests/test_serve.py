@@ -31,7 +31,7 @@ from PIL import Image
 from test_browse import CHROMIUM, CHROMIUM_ARGS, _chromium_or_skip
 from test_shipped import tiny  # noqa: F401  (the module fixture: a tiny exported model)
 
-from pipeline.config import ServeConfig
+from pipeline.config import CaptionConfig, ServeConfig
 from pipeline.serving import uploads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,18 +325,27 @@ def _stop(proc) -> None:
         pass
 
 
-def test_server_captions_a_photo_with_every_beam_and_its_maps(server):
+def recorded_beam(tiny) -> int:  # noqa: F811
+    """The beam size the tiny model's export recorded as its decoding (model.json), which a plain
+    `pipeline serve --model tiny` uses: 2 (test_shipped exports with beam 2), not CaptionConfig's 3."""
+    beam = json.loads((tiny["models"] / "tiny" / "model.json").read_text())["decoding"]["beam"]
+    assert beam == 2 != CaptionConfig().beam
+    return beam
+
+
+def test_server_captions_a_photo_with_every_beam_and_its_maps(server, tiny):  # noqa: F811
+    K = recorded_beam(tiny)
     status, page = _get(server + "/")
     assert status == 200 and b"Caption a photo" in page
     assert _get(server + "/browse/app.js")[1].count(b"B.overlay") == 1      # the results browser's script
     info = json.loads(_get(server + "/api/model")[1])
-    assert info["members"][0]["name"] == "tiny" and info["beam"] == 3 and info["max_upload_mb"] == 20
+    assert info["members"][0]["name"] == "tiny" and info["beam"] == K and info["max_upload_mb"] == 20
     for url in ("/docs", "/openapi.json"):                         # no Swagger page (it loads from a CDN)
         with pytest.raises(urllib.error.HTTPError):
             _get(server + url)
     status, res = post(server, "photo.png", png_bytes())
     assert status == 200, res
-    assert res["name"] == "photo.png" and res["grid"] == [14, 14] and len(res["beams"]) == 3
+    assert res["name"] == "photo.png" and res["grid"] == [14, 14] and len(res["beams"]) == K
     assert res["caption"] == res["beams"][0]["caption"]
     for b in res["beams"]:
         assert b["caption"] == " ".join(b["words"])
@@ -377,10 +386,10 @@ def request(base: str, method: str, path: str, body=None, headers: dict | None =
         conn.close()
 
 
-def test_server_takes_form_uploads_and_refuses_chunked_bodies_over_the_limit(server):
+def test_server_takes_form_uploads_and_refuses_chunked_bodies_over_the_limit(server, tiny):  # noqa: F811
     body, ctype = form({"note": "from a script"}, {"file": ("form photo.png", png_bytes(seed=3))})
     status, res = request(server, "POST", "/api/caption", body, {"content-type": ctype})    # curl -F file=@...
-    assert status == 200 and res["name"] == "form photo.png" and len(res["beams"]) == 3, res
+    assert status == 200 and res["name"] == "form photo.png" and len(res["beams"]) == recorded_beam(tiny), res
     assert res == post(server, "form photo.png", png_bytes(seed=3))[1] | {"seconds": res["seconds"]}
     status, res = request(server, "POST", "/api/caption", b"\xff\xfe\x00 not a form",
                           {"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
@@ -449,13 +458,15 @@ def _port_free(port: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
 def test_killed_server_leaves_no_process_serving_and_frees_its_port(tiny, site):  # noqa: F811
     """kill -9 of `pipeline serve`: its HTTP server, queue manager and model worker end with it and the
-    port is free again (they went on serving and holding it); --host adds one name the server answers to."""
+    port is free again (they went on serving and holding it); --host adds one name the server answers to, and
+    --beam overrides the model's recorded decoding."""
     import signal
     port = _free_port()
-    proc = start_server(tiny, site, port, "--host", "photos.lan")
+    proc = start_server(tiny, site, port, "--host", "photos.lan", "--beam", "3")
     try:
         base = f"http://127.0.0.1:{port}"
-        assert request(base, "GET", "/api/model", headers={"host": f"photos.lan:{port}"})[0] == 200
+        status, info = request(base, "GET", "/api/model", headers={"host": f"photos.lan:{port}"})
+        assert (status, info["beam"]) == (200, 3) and recorded_beam(tiny) == 2
         assert request(base, "GET", "/api/model", headers={"host": f"other.lan:{port}"})[0] == 400
         workers = _children(proc.pid)
         assert len(workers) >= 3, workers                           # uvicorn, the manager, the model worker
@@ -502,7 +513,7 @@ def page(server):
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_page_captions_a_photo_and_shows_a_words_attention(page, server, tmp_path):
+def test_page_captions_a_photo_and_shows_a_words_attention(page, server, tiny, tmp_path):  # noqa: F811
     photo = _photo(tmp_path)
     page.set_input_files("#file", str(photo))
     page.wait_for_function("SERVE.result && !SERVE.busy", timeout=120000)
@@ -510,7 +521,7 @@ def test_page_captions_a_photo_and_shows_a_words_attention(page, server, tmp_pat
     words = page.eval_on_selector_all("#caption .w", "ws => ws.map(w => w.textContent)")
     assert words == res["beams"][0]["words"] and res["name"] == photo.name
     beams = page.eval_on_selector_all("#beams li", "ls => ls.map(l => l.textContent)")
-    assert len(beams) == 3 and all(f"{b['score']:.2f}" in t for b, t in zip(res["beams"], beams))
+    assert len(beams) == recorded_beam(tiny) and all(f"{b['score']:.2f}" in t for b, t in zip(res["beams"], beams))
     assert page.is_hidden("#message") and page.evaluate("document.querySelector('#photo').naturalWidth") > 0
     # click a word (of the first beam that has words: a tiny model's best caption may be empty): its map shows
     k = next(k for k, b in enumerate(res["beams"]) if b["words"])
