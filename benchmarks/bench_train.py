@@ -2,6 +2,7 @@
 
     make bench-train                       # = .venv/bin/python benchmarks/bench_train.py
     python benchmarks/bench_train.py --steps 30 --attention hard --threads 2
+    python benchmarks/bench_train.py --threads 2 --compare-eager --bf16-projections   # eager / fp32 / bf16 projections
 
 Setup: 512/512/512 (embed/hidden/attention), C=512, L=196, vocab 2,500, batch 64, Adam, grad clip,
 real training steps (forward, loss, backward, clip, step) on random fp16 features gathered from RAM
@@ -113,6 +114,9 @@ def main():
                     help="also time the eager step (no fused kernels, no deferred weight gradients) in this run: "
                          "first as before (allocator untuned), then alternating with the optimised step")
     ap.add_argument("--rounds", type=int, default=2, help="alternations with --compare-eager (best of each)")
+    ap.add_argument("--bf16-projections", action="store_true",
+                    help="the optimised step with train --bf16-projections (W_a a and L_o as bf16 matmuls); with "
+                         "--compare-eager the optimised step with fp32 projections is timed in the same rounds")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,11 +148,18 @@ def main():
             fused.set_eager(True)
             runs.append(("eager", _timed(step, batches, args.warmup, device)))
             fused.set_eager(False)
+            if args.bf16_projections:
+                model.bf16_projections = False
+                runs.append(("fp32_projections", _timed(step, batches, args.warmup, device)))
+            model.bf16_projections = args.bf16_projections
             runs.append(("fast", _timed(step, batches, args.warmup, device)))
         eager["tuned"] = min((r for k, r in runs if k == "eager"), key=lambda r: r[0])
+        if args.bf16_projections:
+            eager["fp32_projections"] = min((r for k, r in runs if k == "fp32_projections"), key=lambda r: r[0])
         dt, cpu = min((r for k, r in runs if k == "fast"), key=lambda r: r[0])
     else:
         fused.set_eager(False)
+        model.bf16_projections = args.bf16_projections
         dt, cpu = _timed(step, batches, args.warmup, device)
     gemm_after = gemm_gflops(device)
 
@@ -157,6 +168,7 @@ def main():
     flops = count_flops(cfg, args.vocab, args.feature_dim, args.regions, [int(lengths[i]) + 1 for b in timed for i in b])
     gemm = (gemm_before + gemm_after) / 2
     res = {"device": str(device), "fused_kernels": fused.available(), "threads": torch.get_num_threads(), "attention": args.attention,
+           "bf16_projections": args.bf16_projections,
            "steps": len(timed), "captions": caps, "seconds": round(dt, 3),
            "captions_per_s": round(caps / dt, 1), "words_per_s": round(words / dt, 1),
            # CPU seconds of this process: less sensitive to time-sharing with other processes
@@ -171,11 +183,13 @@ def main():
           f"({res['gemm_gflop_per_s']} GFLOP/s; before/after {res['gemm_before_after']}), "
           f"{res['steps']} steps of batch <= {args.batch_size}, {device}, {res['threads']} threads, "
           f"load average {res['loadavg']}; {res['captions_per_cpu_s']} captions per CPU-second")
+    what = {"untuned": "eager step (allocator untuned, as before)", "tuned": "eager step (allocator tuned)",
+            "fp32_projections": "optimised step with fp32 projections"}
     for k, (edt, _) in eager.items():
-        res[f"eager_{k}_captions_per_s"] = round(caps / edt, 1)
-        res[f"speedup_vs_eager_{k}"] = round(edt / dt, 2)
-        print(f"eager step ({'allocator untuned, as before' if k == 'untuned' else 'allocator tuned'}): "
-              f"{res[f'eager_{k}_captions_per_s']} captions/s -> optimised step {res['speedup_vs_eager_' + k]}x")
+        name = k if k == "fp32_projections" else f"eager_{k}"
+        res[f"{name}_captions_per_s"] = round(caps / edt, 1)
+        res[f"speedup_vs_{name}"] = round(edt / dt, 2)
+        print(f"{what[k]}: {res[f'{name}_captions_per_s']} captions/s -> this step {res[f'speedup_vs_{name}']}x")
     print(json.dumps(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -1,6 +1,8 @@
 """--device auto|cpu|cuda -> the device to use, with one clear error when CUDA is asked for but absent."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.errors import UserError
 
 
@@ -13,6 +15,17 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible here. Use --device cpu or auto.")
     return name
+
+
+def cpu_has_fast_bf16() -> bool:
+    """A CPU with bf16 matrix units (AMX) or AVX-512 bf16 instructions, where bf16 matmuls pay (the VGG19
+    trunk 3.7x fp32 on an AMX Xeon, 2.0x on an AVX-512 bf16 EPYC); elsewhere oneDNN emulates bf16, far
+    slower than fp32 (0.35 against 132 GFLOP/s on an AVX2 EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 # glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3.

@@ -3,6 +3,8 @@ eager step: the same loss and gradients to float32 rounding. The eager step is i
 paper's equations by hand (tests/test_model.py), so this closes the chain."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -155,3 +157,100 @@ def test_eager_switch_and_environment(monkeypatch):
     finally:
         fused.set_eager(old)
     assert fused.eager() == old
+
+
+# -- --bf16-projections: W_a a and L_o as bf16 matmuls in CPU training -----------------------------------
+def _bf16_grads(model, fn, on: bool, seed: int = 1):
+    model.bf16_projections = on
+    try:
+        return _grads(model, fn, eager=False, seed=seed)
+    finally:
+        model.bf16_projections = False
+
+
+def test_bf16_projections_stay_close_to_fp32_and_touch_only_the_two_layers():
+    """With bf16_projections the step's loss and gradients stay within bf16 rounding of the fp32 step's
+    (cosine of every gradient >= 0.999); the two layers' outputs are bf16-rounded, nothing else changes;
+    in eval mode (validation, decoding) the model computes exactly as without it."""
+    cfg = DecoderConfig(embed_dim=24, hidden_dim=32, attention_dim=40, dropout=0.2, embed_dropout=0.1,
+                        context_dropout=0.1, hidden_dropout=0.1, sentinel=False)
+    torch.manual_seed(0)
+    model = Decoder(cfg, 60, 20).train()
+    feats, toks = torch.randn(6, 9, 20), torch.randint(4, 60, (6, 8))
+
+    def loss(m):
+        out = m(feats, toks)
+        nll = torch.nn.functional.cross_entropy(out["logits"].reshape(-1, 60), toks[:, 1:].reshape(-1))
+        return nll + ((1 - out["alphas"].sum(1)) ** 2).sum()
+    l0, g0 = _bf16_grads(model, loss, on=False)
+    l1, g1 = _bf16_grads(model, loss, on=True)
+    assert g0.keys() == g1.keys() and len(g0) >= 10
+    assert l1 != l0 and abs(float(l1 - l0)) <= 1e-2 * abs(float(l0))      # it did run in bf16, and closely
+    for k in g0:
+        cos = torch.nn.functional.cosine_similarity(g1[k].flatten().double(), g0[k].flatten().double(), 0)
+        assert cos >= 0.999, (k, float(cos))
+    # the projections' outputs are bf16 values (rounded), returned as fp32
+    seen = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o))
+             for n in ("att_a", "out")]
+    model.bf16_projections = True
+    try:
+        with torch.no_grad():
+            model(feats, toks)
+            assert all(o.dtype == torch.bfloat16 for o in seen.values()) and len(seen) == 2
+            model.eval()
+            a = model(feats, toks)["logits"]
+            assert all(o.dtype == torch.float32 for o in seen.values())
+            model.bf16_projections = False
+            assert torch.equal(a, model(feats, toks)["logits"])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.bf16_projections = False
+
+
+def test_bf16_projections_are_refused_without_bf16_units_and_off_for_old_runs(monkeypatch):
+    from pipeline import device as device_mod
+    from pipeline.config import TrainConfig
+    from pipeline.errors import UserError
+    from pipeline.training import train as train_mod
+    from pipeline.training.state import RESUMABLE
+    cfg = TrainConfig(features=("x.h5",), bf16_projections=True)
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(UserError, match=r"--bf16-projections: this CPU has no bf16 units .* --no-bf16-projections"):
+        train_mod.bf16_projections(cfg, torch.device("cpu"))
+    assert train_mod.bf16_projections(cfg, torch.device("cuda")) is False     # CUDA: the step's own autocast
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: True)
+    assert train_mod.bf16_projections(cfg, torch.device("cpu")) is True
+    assert train_mod.bf16_projections(TrainConfig(features=("x.h5",)), torch.device("cpu")) is False
+    old = dataclasses.asdict(TrainConfig(features=("x.h5",), bf16_projections=True))
+    old.pop("bf16_projections")
+    assert TrainConfig.from_dict(old).bf16_projections is False                  # a run saved before: fp32
+    assert "bf16_projections" in RESUMABLE                                      # a resume may turn it off
+
+
+def test_train_applies_bf16_projections_and_records_them(tmp_path, monkeypatch):
+    """`pipeline train --bf16-projections`: the training steps compute the two projections in bf16 (the
+    layers' own outputs are bf16), validation in fp32, and the run's config records the setting."""
+    import json
+    from helpers_store import make_store
+    from pipeline import device as device_mod
+    from pipeline.config import TrainConfig
+    from pipeline.training.train import train
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: True)
+    cache = make_store(tmp_path / "f.h5", {"train": 8, "val": 2, "test": 2}, L=4, C=8)
+    seen = set()          # (training?, the layer's output dtype)
+    real = Decoder._project
+
+    def spy(self, layer, x):
+        h = layer.register_forward_hook(lambda mod, i, o: seen.add((self.training, o.dtype)))
+        try:
+            return real(self, layer, x)
+        finally:
+            h.remove()
+    monkeypatch.setattr(Decoder, "_project", spy)
+    dcfg = DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8)
+    train(TrainConfig(features=(str(cache),), epochs=1, batch_size=4, min_count=1, bf16_projections=True), dcfg,
+          tmp_path / "run", echo=lambda s: None)
+    assert seen == {(True, torch.bfloat16), (False, torch.float32)}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["bf16_projections"] is True

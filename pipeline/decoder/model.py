@@ -105,6 +105,9 @@ class Decoder(nn.Module):
         # (default, deterministic), the argmax location, or a sampled one (see the module docstring).
         # `pipeline score --hard-context` sets it; training is unaffected.
         self.hard_context = "expected"
+        # Training on CPU: W_a a and L_o as bf16 matmuls (`low_precision`); train.py sets it from
+        # --bf16-projections. Eval mode (validation, decoding) always computes them in fp32.
+        self.bf16_projections = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -123,7 +126,7 @@ class Decoder(nn.Module):
         H = self.cfg.hidden_dim
         a = feats if torch.is_autocast_enabled(feats.device.type) else feats.to(self.att_a.weight.dtype)
         hc = torch.tanh(self.init_hc(a.mean(1)))    # (B, 2H)
-        att_a = attention.prepare(self.att_a(a))    # (B, L, A): W_a a_i, once per image
+        att_a = attention.prepare(self._project(self.att_a, a))    # (B, L, A): W_a a_i, once per image
         h, c = hc[:, :H].contiguous(), hc[:, H:].contiguous()
         return ((h, c, torch.tanh(c)) if self.cfg.sentinel else (h, c)), (a, att_a)
 
@@ -285,7 +288,18 @@ class Decoder(nn.Module):
         x = emb + self.out_hz(torch.cat([self._drop(h, self.cfg.hidden_dropout), z], -1))
         if self.cfg.deep_output_tanh:
             x = torch.tanh(x)
-        return self.out(self.drop(x))
+        return self._project(self.out, self.drop(x))
+
+    def _project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """layer(x), for the two largest matmuls of a training step (W_a a, 12544 x 512 x 512 at B = 64, and
+        L_o): with bf16_projections, in training, on CPU, in fp32 and outside autocast, a bf16 matmul under
+        autocast (fp32 accumulation; the output, and in backward the weight's gradient, rounded to bf16)
+        returned as fp32, so the fused attention kernels and the loss stay fp32."""
+        if (self.bf16_projections and self.training and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return layer(x).float()
+        return layer(x)
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:

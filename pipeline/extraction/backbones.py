@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from pipeline.device import cpu_has_fast_bf16  # noqa: F401  (the name this module's callers and tests use)
 from pipeline.errors import UserError
 
 CAFFE_BGR_MEAN = [103.939, 116.779, 123.68]          # Oxford VGG (Caffe): BGR order, 0..255
@@ -150,16 +151,6 @@ class BackboneSpec:
 # ---- precision -------------------------------------------------------------------------------------
 
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """A CPU with bf16 matrix units (AMX) or AVX-512 bf16 instructions, where bf16 autocast pays (the
-    VGG19 trunk 3.7x fp32 on this project's Xeon); elsewhere oneDNN emulates bf16, slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(spec: "BackboneSpec", precision: str, device: str) -> str:

@@ -38,7 +38,7 @@ from pipeline.training.data import Data, Features, check_splits, fits_in_memory,
 
 # Settings a --resume may change: how long and where to run, not what is trained.
 RESUMABLE = ("features", "epochs", "patience", "max_minutes", "max_steps", "device", "threads", "in_ram",
-             "num_workers", "val_batch_size", "log_every", "decode_beam", "decode_length_norm")
+             "num_workers", "val_batch_size", "log_every", "decode_beam", "decode_length_norm", "bf16_projections")
 
 
 # -- the state of a run -----------------------------------------------------------------------------

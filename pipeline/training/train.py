@@ -34,6 +34,7 @@ from pipeline import distributed as dist_mod
 from pipeline.config import DecoderConfig, TrainConfig  # noqa: F401  (DecoderConfig re-exported for callers)
 from pipeline.data.text import Vocab
 from pipeline.errors import UserError
+from pipeline import device as device_mod
 from pipeline.device import tune_cpu_allocator
 from pipeline.provenance import ComputeMeter
 from pipeline.training import compute as compute_mod, runs
@@ -181,6 +182,7 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
         tune_cpu_allocator()        # reuse the step's large buffers instead of page-faulting them each step
     echo = echo if dinfo.is_main else (lambda *_: None)
     cfg, p, model = state.cfg, state.progress, state.model
+    model.bf16_projections = bf16_projections(cfg, state.device)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     net = dist_mod.wrap_ddp(model, state.device)   # DDP averages gradients over ranks; model stays the module
     dist_mod.seed_rank(cfg.seed, p.step)
@@ -218,6 +220,18 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
     return {"run": str(run_dir), "epoch": p.epoch, "step": p.step, "best_score": p.best_score,
             "best_epoch": p.best_epoch, "select_metric": cfg.metric, "stopped": stop or "done", "history": p.history,
             "compute": p.compute}
+
+
+def bf16_projections(cfg: TrainConfig, device: torch.device) -> bool:
+    """--bf16-projections on a CPU with bf16 units; refused on one without (oneDNN emulates bf16 there,
+    hundreds of times slower than fp32); on CUDA the step runs under bf16 autocast anyway."""
+    if not cfg.bf16_projections or device.type != "cpu":
+        return False
+    if not device_mod.cpu_has_fast_bf16():
+        raise UserError("--bf16-projections: this CPU has no bf16 units (no amx_bf16 or avx512_bf16 in "
+                        "/proc/cpuinfo), where bf16 matmuls are emulated and far slower than fp32. Train without "
+                        "it (a --resume may turn it off: --no-bf16-projections).")
+    return True
 
 
 def _rank0() -> bool:
