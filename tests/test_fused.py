@@ -94,6 +94,12 @@ def test_grouped_kernels_equal_the_formula(eager_off, keep):
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_training_step_equals_the_eager_step(attention):
     """Teacher forcing with every dropout on and the doubly stochastic penalty: loss and all gradients."""
+    _check_same(*_teacher_forcing(attention))
+
+
+def _teacher_forcing(attention: str = "soft"):
+    """A small decoder with every dropout on, in training mode, and its teacher-forced loss (NLL + the
+    doubly stochastic penalty, + a REINFORCE-like term for hard attention): (model, loss(model))."""
     cfg = DecoderConfig(embed_dim=24, hidden_dim=32, attention_dim=40, attention=attention, dropout=0.2,
                         embed_dropout=0.1, context_dropout=0.1, hidden_dropout=0.1)
     torch.manual_seed(0)
@@ -105,7 +111,8 @@ def test_training_step_equals_the_eager_step(attention):
         nll = torch.nn.functional.cross_entropy(out["logits"].reshape(-1, 60), toks[:, 1:].reshape(-1))
         extra = out["logp_s"].sum() * 0.1 if attention == "hard" else 0.0
         return nll + ((1 - out["alphas"].sum(1)) ** 2).sum() + extra
-    _check_same(model, loss)
+    loss.inputs = (feats, toks)
+    return model, loss
 
 
 @needs_kernels
@@ -172,16 +179,8 @@ def test_bf16_projections_stay_close_to_fp32_and_touch_only_the_two_layers():
     """With bf16_projections the step's loss and gradients stay within bf16 rounding of the fp32 step's
     (cosine of every gradient >= 0.999); the two layers' outputs are bf16-rounded, nothing else changes;
     in eval mode (validation, decoding) the model computes exactly as without it."""
-    cfg = DecoderConfig(embed_dim=24, hidden_dim=32, attention_dim=40, dropout=0.2, embed_dropout=0.1,
-                        context_dropout=0.1, hidden_dropout=0.1, sentinel=False)
-    torch.manual_seed(0)
-    model = Decoder(cfg, 60, 20).train()
-    feats, toks = torch.randn(6, 9, 20), torch.randint(4, 60, (6, 8))
-
-    def loss(m):
-        out = m(feats, toks)
-        nll = torch.nn.functional.cross_entropy(out["logits"].reshape(-1, 60), toks[:, 1:].reshape(-1))
-        return nll + ((1 - out["alphas"].sum(1)) ** 2).sum()
+    model, loss = _teacher_forcing()
+    feats, toks = loss.inputs
     l0, g0 = _bf16_grads(model, loss, on=False)
     l1, g1 = _bf16_grads(model, loss, on=True)
     assert g0.keys() == g1.keys() and len(g0) >= 10
