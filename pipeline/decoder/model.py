@@ -105,7 +105,7 @@ class Decoder(nn.Module):
         # (default, deterministic), the argmax location, or a sampled one (see the module docstring).
         # `pipeline score --hard-context` sets it; training is unaffected.
         self.hard_context = "expected"
-        # Training on CPU: W_a a and L_o as bf16 matmuls (`low_precision`); train.py sets it from
+        # Training on CPU: W_a a and L_o as bf16 matmuls (`_project`); train.py sets it from
         # --bf16-projections. Eval mode (validation, decoding) always computes them in fp32.
         self.bf16_projections = False
         self.reset_parameters()
