@@ -2,7 +2,8 @@
 
     make bench-train                       # = .venv/bin/python benchmarks/bench_train.py
     python benchmarks/bench_train.py --steps 30 --attention hard --threads 2
-    python benchmarks/bench_train.py --threads 2 --compare-eager --bf16-projections   # eager / fp32 / bf16 projections
+    python benchmarks/bench_train.py --threads 2 --compare-eager   # eager / fp32 / bf16 projections (where auto has them)
+    python benchmarks/bench_train.py --bf16-projections off         # the optimised step all in fp32
 
 Setup: 512/512/512 (embed/hidden/attention), C=512, L=196, vocab 2,500, batch 64, Adam, grad clip,
 real training steps (forward, loss, backward, clip, step) on random fp16 features gathered from RAM
@@ -33,6 +34,8 @@ from pipeline.training.objectives import xe_loss  # noqa: E402
 from pipeline.data.text import tokenize  # noqa: E402
 from pipeline.decoder import fused  # noqa: E402
 from pipeline.device import tune_cpu_allocator  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.training.train import bf16_projections  # noqa: E402
 
 TOKENS = Path(__file__).resolve().parents[2] / "shared" / "flickr8k" / "Flickr8k.token.txt"
 # Flickr8k words-per-caption histogram (text.tokenize), lengths 1..30, used when the token file is absent.
@@ -114,9 +117,10 @@ def main():
                     help="also time the eager step (no fused kernels, no deferred weight gradients) in this run: "
                          "first as before (allocator untuned), then alternating with the optimised step")
     ap.add_argument("--rounds", type=int, default=2, help="alternations with --compare-eager (best of each)")
-    ap.add_argument("--bf16-projections", action="store_true",
-                    help="the optimised step with train --bf16-projections (W_a a and L_o as bf16 matmuls); with "
-                         "--compare-eager the optimised step with fp32 projections is timed in the same rounds")
+    ap.add_argument("--bf16-projections", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                    help="the optimised step's projections W_a a and L_o as train --bf16-projections has them (auto, "
+                         "as train: bf16 matmuls for soft attention on a CPU with bf16 units); when they are bf16, "
+                         "--compare-eager also times the optimised step with fp32 projections in the same rounds")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +134,7 @@ def main():
     batches = BucketBatchSampler(lengths, args.batch_size, seed=0).batches(0)[: args.warmup + args.steps]
     cfg = DecoderConfig(embed_dim=args.dim, hidden_dim=args.dim, attention_dim=args.dim, attention=args.attention)
     model = Decoder(cfg, args.vocab, args.feature_dim).to(device).train()
+    bf16 = bf16_projections(TrainConfig(features=("bench",), bf16_projections=args.bf16_projections), cfg, device)
     opt = torch.optim.Adam(model.parameters(), 4e-4, fused=True)   # as train.py
     pool = torch.randn(256, args.regions, args.feature_dim).half()     # fp16 "cache" in RAM
     step = xe_step(model, opt, list(model.parameters()), pool, lengths, args.vocab, device)
@@ -148,18 +153,18 @@ def main():
             fused.set_eager(True)
             runs.append(("eager", _timed(step, batches, args.warmup, device)))
             fused.set_eager(False)
-            if args.bf16_projections:
+            if bf16:
                 model.bf16_projections = False
                 runs.append(("fp32_projections", _timed(step, batches, args.warmup, device)))
-            model.bf16_projections = args.bf16_projections
+            model.bf16_projections = bf16
             runs.append(("fast", _timed(step, batches, args.warmup, device)))
         eager["tuned"] = min((r for k, r in runs if k == "eager"), key=lambda r: r[0])
-        if args.bf16_projections:
+        if bf16:
             eager["fp32_projections"] = min((r for k, r in runs if k == "fp32_projections"), key=lambda r: r[0])
         dt, cpu = min((r for k, r in runs if k == "fast"), key=lambda r: r[0])
     else:
         fused.set_eager(False)
-        model.bf16_projections = args.bf16_projections
+        model.bf16_projections = bf16
         dt, cpu = _timed(step, batches, args.warmup, device)
     gemm_after = gemm_gflops(device)
 
@@ -168,7 +173,7 @@ def main():
     flops = count_flops(cfg, args.vocab, args.feature_dim, args.regions, [int(lengths[i]) + 1 for b in timed for i in b])
     gemm = (gemm_before + gemm_after) / 2
     res = {"device": str(device), "fused_kernels": fused.available(), "threads": torch.get_num_threads(), "attention": args.attention,
-           "bf16_projections": args.bf16_projections,
+           "bf16_projections": bf16,
            "steps": len(timed), "captions": caps, "seconds": round(dt, 3),
            "captions_per_s": round(caps / dt, 1), "words_per_s": round(words / dt, 1),
            # CPU seconds of this process: less sensitive to time-sharing with other processes

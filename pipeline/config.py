@@ -84,7 +84,7 @@ LEGACY: dict[str, dict[str, Any]] = {
                     "epochs": 20, "lr_factor": 0.8, "beam": 1,
                     # a run saved before a run chose its own decoding was scored at the global default
                     "decode_beam": 3, "decode_length_norm": 0.7,
-                    "bf16_projections": False},
+                    "bf16_projections": "off"},
 }
 
 
@@ -211,11 +211,13 @@ class TrainConfig(DecodingRules):
     seed: int = setting(0, "Random seed (weights, batches, dropout, sampling).", ge=0)
     device: str = setting("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
     threads: int = setting(0, "CPU threads for torch (0: one per core); 1 per run when runs share the cores.", ge=0)
-    bf16_projections: bool = setting(False, "CPU training: the two once-per-batch projections, the regions' "
+    bf16_projections: str = setting("auto", "CPU training: the two once-per-batch projections, the regions' "
                                             "attention keys W_a a and the output layer L_o, as bf16 matmuls "
                                             "(fp32 accumulation; outputs and weight gradients rounded to bf16), "
-                                            "the rest fp32. Needs a CPU with bf16 units (amx_bf16/avx512_bf16). "
-                                            "Validation and decoding stay fp32. docs/training.md.")
+                                            "the rest fp32; validation and decoding stay fp32. on needs a CPU with "
+                                            "bf16 units (amx_bf16/avx512_bf16); auto: on where it has them, for "
+                                            "soft-attention cross-entropy (what was measured), off otherwise. "
+                                            "docs/training.md.", choices=("auto", "on", "off"))
     max_minutes: float = setting(0.0, "Checkpoint and stop after this many minutes of training (0: no limit); "
                                       "continue with --resume.", ge=0)
     max_steps: int = setting(0, "Checkpoint and stop after this many optimizer steps in total (0: no limit).", ge=0)
@@ -252,6 +254,8 @@ class TrainConfig(DecodingRules):
         for name, value in self.BY_OBJECTIVE.get(self.objective, self.BY_OBJECTIVE["xe"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if isinstance(self.bf16_projections, bool):     # a run saved 2026-12-07, when it was an on/off flag
+            self.bf16_projections = "on" if self.bf16_projections else "off"
         check(self)
         if self.flip and self.objective == "scst":
             raise UserError("--flip draws views per caption (cross-entropy); --objective scst does not read them.")

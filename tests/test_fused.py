@@ -208,35 +208,48 @@ def test_bf16_projections_stay_close_to_fp32_and_touch_only_the_two_layers():
         model.bf16_projections = False
 
 
-def test_bf16_projections_are_refused_without_bf16_units_and_off_for_old_runs(monkeypatch):
+def test_bf16_projections_auto_on_off_and_old_runs(monkeypatch):
+    """auto: on for soft-attention cross-entropy on a CPU with bf16 units, off for hard attention, SCST, CPUs
+    without bf16 units and CUDA; on: refused without bf16 units; old runs: off (LEGACY), the 2026-12-07 flag's
+    true/false read as on/off."""
     from pipeline import device as device_mod
     from pipeline.config import TrainConfig
     from pipeline.errors import UserError
     from pipeline.training import train as train_mod
     from pipeline.training.state import RESUMABLE
-    cfg = TrainConfig(features=("x.h5",), bf16_projections=True)
-    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: False)
-    with pytest.raises(UserError, match=r"--bf16-projections: this CPU has no bf16 units .* --no-bf16-projections"):
-        train_mod.bf16_projections(cfg, torch.device("cpu"))
-    assert train_mod.bf16_projections(cfg, torch.device("cuda")) is False     # CUDA: the step's own autocast
-    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: True)
-    assert train_mod.bf16_projections(cfg, torch.device("cpu")) is True
-    assert train_mod.bf16_projections(TrainConfig(features=("x.h5",)), torch.device("cpu")) is False
-    old = dataclasses.asdict(TrainConfig(features=("x.h5",), bf16_projections=True))
+
+    def resolved(units: bool, device="cpu", attention="soft", **kw):
+        monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: units)
+        return train_mod.bf16_projections(TrainConfig(features=("x.h5",), **kw), DecoderConfig(attention=attention),
+                                          torch.device(device))
+    assert TrainConfig(features=("x.h5",)).bf16_projections == "auto"                 # the default
+    assert resolved(True) is True and resolved(False) is False
+    assert resolved(True, attention="hard") is False
+    assert resolved(True, objective="scst", init_from="r") is False
+    assert resolved(True, device="cuda") is False and resolved(True, device="cuda", bf16_projections="on") is False
+    assert resolved(True, bf16_projections="on", attention="hard") is True           # asked for: applied
+    assert resolved(True, bf16_projections="off") is False
+    with pytest.raises(UserError, match=r"--bf16-projections on: this CPU has no bf16 units .* auto or off"):
+        resolved(False, bf16_projections="on")
+    old = dataclasses.asdict(TrainConfig(features=("x.h5",)))
+    assert TrainConfig.from_dict({**old, "bf16_projections": True}).bf16_projections == "on"
+    assert TrainConfig.from_dict({**old, "bf16_projections": False}).bf16_projections == "off"
     old.pop("bf16_projections")
-    assert TrainConfig.from_dict(old).bf16_projections is False                  # a run saved before: fp32
-    assert "bf16_projections" in RESUMABLE                                      # a resume may turn it off
+    assert TrainConfig.from_dict(old).bf16_projections == "off"                       # a run saved before: fp32
+    assert "bf16_projections" in RESUMABLE                                           # a resume may change it
 
 
-def test_train_applies_bf16_projections_and_records_them(tmp_path, monkeypatch):
-    """`pipeline train --bf16-projections`: the training steps compute the two projections in bf16 (the
-    layers' own outputs are bf16), validation in fp32, and the run's config records the setting."""
+@pytest.mark.parametrize("units", [True, False])
+def test_train_applies_bf16_projections_by_default_and_records_them(tmp_path, monkeypatch, units):
+    """`pipeline train` with no option on a CPU with bf16 units computes the two projections of its training
+    steps in bf16 (the layers' own outputs are bf16) and validates in fp32; without bf16 units all is fp32.
+    The run's config records what was asked (auto), its echo what it resolved to."""
     import json
     from helpers_store import make_store
     from pipeline import device as device_mod
     from pipeline.config import TrainConfig
     from pipeline.training.train import train
-    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: units)
     cache = make_store(tmp_path / "f.h5", {"train": 8, "val": 2, "test": 2}, L=4, C=8)
     seen = set()          # (training?, the layer's output dtype)
     real = Decoder._project
@@ -249,7 +262,10 @@ def test_train_applies_bf16_projections_and_records_them(tmp_path, monkeypatch):
             h.remove()
     monkeypatch.setattr(Decoder, "_project", spy)
     dcfg = DecoderConfig(embed_dim=8, hidden_dim=8, attention_dim=8)
-    train(TrainConfig(features=(str(cache),), epochs=1, batch_size=4, min_count=1, bf16_projections=True), dcfg,
-          tmp_path / "run", echo=lambda s: None)
-    assert seen == {(True, torch.bfloat16), (False, torch.float32)}
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["bf16_projections"] is True
+    lines = []
+    train(TrainConfig(features=(str(cache),), epochs=1, batch_size=4, min_count=1), dcfg, tmp_path / "run",
+          echo=lines.append)
+    assert seen == {(True, torch.bfloat16 if units else torch.float32), (False, torch.float32)}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["bf16_projections"] == "auto"
+    assert ("bf16 projections (auto): on, this CPU has bf16 units" if units else "bf16 projections (auto): off") \
+        in lines

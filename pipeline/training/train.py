@@ -182,7 +182,9 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
         tune_cpu_allocator()        # reuse the step's large buffers instead of page-faulting them each step
     echo = echo if dinfo.is_main else (lambda *_: None)
     cfg, p, model = state.cfg, state.progress, state.model
-    model.bf16_projections = bf16_projections(cfg, state.device)
+    model.bf16_projections = bf16_projections(cfg, model.cfg, state.device)
+    if cfg.bf16_projections == "auto" and state.device.type == "cpu":
+        echo(f"bf16 projections (auto): {'on, this CPU has bf16 units' if model.bf16_projections else 'off'}")
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     net = dist_mod.wrap_ddp(model, state.device)   # DDP averages gradients over ranks; model stays the module
     dist_mod.seed_rank(cfg.seed, p.step)
@@ -222,15 +224,19 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
             "compute": p.compute}
 
 
-def bf16_projections(cfg: TrainConfig, device: torch.device) -> bool:
-    """--bf16-projections on a CPU with bf16 units; refused on one without (oneDNN emulates bf16 there,
-    hundreds of times slower than fp32); on CUDA the step runs under bf16 autocast anyway."""
-    if not cfg.bf16_projections or device.type != "cpu":
+def bf16_projections(cfg: TrainConfig, dcfg: DecoderConfig, device: torch.device) -> bool:
+    """Whether the training steps compute W_a a and L_o in bf16 (Decoder._project). auto: on a CPU with bf16
+    units for soft-attention cross-entropy (measured against fp32: docs/training.md "bf16 projections"), off for
+    hard attention and SCST (not measured); on: refused on a CPU without bf16 units (oneDNN emulates bf16 there,
+    hundreds of times slower than fp32). CUDA: off (its step runs under bf16 autocast anyway)."""
+    if cfg.bf16_projections == "off" or device.type != "cpu":
         return False
+    if cfg.bf16_projections == "auto":
+        return cfg.objective == "xe" and dcfg.attention == "soft" and device_mod.cpu_has_fast_bf16()
     if not device_mod.cpu_has_fast_bf16():
-        raise UserError("--bf16-projections: this CPU has no bf16 units (no amx_bf16 or avx512_bf16 in "
-                        "/proc/cpuinfo), where bf16 matmuls are emulated and far slower than fp32. Train without "
-                        "it (a --resume may turn it off: --no-bf16-projections).")
+        raise UserError("--bf16-projections on: this CPU has no bf16 units (no amx_bf16 or avx512_bf16 in "
+                        "/proc/cpuinfo), where bf16 matmuls are emulated and far slower than fp32. Train with "
+                        "--bf16-projections auto or off (a --resume may change it).")
     return True
 
 
