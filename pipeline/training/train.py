@@ -35,7 +35,6 @@ from pipeline.config import DecoderConfig, TrainConfig  # noqa: F401  (DecoderCo
 from pipeline.data.text import Vocab
 from pipeline.errors import UserError
 from pipeline import device as device_mod
-from pipeline.device import tune_cpu_allocator
 from pipeline.provenance import ComputeMeter
 from pipeline.training import compute as compute_mod, runs
 from pipeline.training.batching import epoch_plan
@@ -179,7 +178,7 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
                                init_loader=init_loader)
     meter.gpus = int(state.device.type == "cuda")
     if state.device.type == "cpu":
-        tune_cpu_allocator()        # reuse the step's large buffers instead of page-faulting them each step
+        device_mod.tune_cpu_allocator()        # reuse the step's large buffers instead of page-faulting them each step
     echo = echo if dinfo.is_main else (lambda *_: None)
     cfg, p, model = state.cfg, state.progress, state.model
     model.bf16_projections = bf16_projections(cfg, model.cfg, state.device)
