@@ -7,7 +7,9 @@ for a batch, and optionally the captioning page's time from upload to caption in
 One photo: the median of --repeat calls of Captioner on one photo (models loaded once, first call not
 counted). Batch: one call on --n photos (batch size n), divided by n. --page: `pipeline serve` in a
 subprocess, Chromium (Debian's, through Playwright) uploads the first photo --repeat times; the page's
-own clock (window.SERVE.lastMs: file read, upload, caption, JSON back) is reported.
+own clock (window.SERVE.lastMs: file read, upload, caption, JSON back) is reported. --allocator reuse (the
+default, as `pipeline caption` and `serve` on a CPU) keeps freed memory for the next call
+(pipeline.device.tune_cpu_allocator(large=True)); --allocator default leaves glibc's (run it right after, to compare).
 """
 from __future__ import annotations
 
@@ -113,13 +115,18 @@ def main(argv=None):
     ap.add_argument("--weights-dir", default="weights")
     ap.add_argument("--page", action="store_true", help="also time the page in headless Chromium")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
+                    help="reuse: freed memory kept for the next call, as `pipeline caption` on CPU; default: glibc's")
     args = ap.parse_args(argv)
+    if args.allocator == "reuse":
+        from pipeline.device import tune_cpu_allocator
+        tune_cpu_allocator(large=True)
     from pipeline.inference.shipped import ModelRef
     members = [Path(r) for r in args.run] + [ModelRef(m) for m in args.model]
     if not members:
         ap.error("give --model NAME or --run RUN")
     paths = photos(args.images, args.n)
-    res = {"members": [str(m) for m in members], "beam": args.beam, "threads": args.threads,
+    res = {"members": [str(m) for m in members], "beam": args.beam, "threads": args.threads, "allocator": args.allocator,
            "load_average": os.getloadavg(), "cpu": bench_cli(members, paths, args)}
     if args.page:
         member_args = [x for r in args.run for x in ("--run", r)] + [x for m in args.model for x in ("--model", m)]

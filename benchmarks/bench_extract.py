@@ -13,6 +13,14 @@ peak (target >= 0.90). FLOPs are counted from the layer shapes (2 * MACs of the 
 per image). Other processes on the machine lower both figures; the ratio is the comparable number.
 Results are also written to bench_out/bench_extract.json.
 
+--allocator reuse (the default, as `pipeline extract` on CPU) keeps freed activations in the process for the
+next batch (pipeline.device.tune_cpu_allocator(large=True)); --allocator default leaves glibc's, which maps blocks
+over 32 MB afresh each time. The process's CPU seconds (user, system) and minor page faults are printed and stored,
+so two runs back to back, one per allocator, compare the two:
+
+    python benchmarks/bench_extract.py --backbone efficientnet_lite2 --batch-sizes 4 --layouts channels_last \
+        --threads 2 --allocator default --json bench_out/alloc_default.json     # then --allocator reuse
+
 Precisions (--precision fp32,bf16; default fp32 only): every precision is timed on the SAME input, the
 variants alternating call by call (benchmarks/precision_common.py), and its features are compared with
 fp32's: per-image cosine (min, mean) and relative L2 error (mean, max). The input is the first --images
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -36,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline.device import tune_cpu_allocator  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.extraction.backbones import BACKBONES, conv_path, load_backbone  # noqa: E402
 from precision_common import (autocast_for, feature_errors, load_inputs, loadavg, positive_ints,  # noqa: E402
@@ -183,6 +193,8 @@ def parse_args(argv):
     ap.add_argument("--split", default="val")
     ap.add_argument("--root", default=None, help="dataset folder (default: the dataset's own)")
     ap.add_argument("--json", default=None, help="write the per-backbone, per-precision summary here")
+    ap.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
+                    help="reuse: freed memory kept for the next batch, as `pipeline extract` on CPU; default: glibc's")
     args = ap.parse_args(argv)
     names = [b for b in args.backbone.split(",") if b]
     unknown = [b for b in names if b not in BACKBONES]
@@ -208,6 +220,8 @@ def main(argv=None):
         sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "reuse" and not tune_cpu_allocator(large=True):
+        print("note: --allocator reuse not applied (not glibc); timing glibc's default")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, mkldnn {torch.backends.mkldnn.is_available()}")
     before = loadavg()
@@ -216,12 +230,17 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = {"allocator": args.allocator, "user_s": round(use.ru_utime, 2), "system_s": round(use.ru_stime, 2),
+           "minor_faults": use.ru_minflt}
+    print(f"allocator {args.allocator}: CPU {cpu['user_s']:.1f} s user, {cpu['system_s']:.1f} s system, "
+          f"{cpu['minor_faults']} minor page faults (the whole run, GEMM included)")
     write_json(args.out, results[0] if len(results) == 1 else {"backbones": results})
     if args.json:
         write_json(args.json, {
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "loadavg_before": before, "loadavg_after": loadavg(),
-            "seconds": args.seconds, "batch_sizes": args.batch_sizes, "layouts": args.layouts,
+            "seconds": args.seconds, "batch_sizes": args.batch_sizes, "layouts": args.layouts, "process": cpu,
             "backbones": {r["backbone"]: {"input": r["input"], "precisions": r["precisions"], "runs": r["runs"]}
                           for r in results}})
         print(f"wrote {args.json}")

@@ -28,13 +28,13 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3, M_MMAP_MAX -4.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _MMAP_MAX = 32 << 20        # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
-_tuned = [False]
+_tuned = {"steps": False, "large": False}
 
 
-def tune_cpu_allocator() -> bool:
+def tune_cpu_allocator(large: bool = False) -> bool:
     """Keep freed memory for reuse instead of handing it back to the OS after every batch (glibc only).
 
     A training step on CPU allocates a few dozen (B, L, A) tensors of 10-30 MB (attention buffers,
@@ -43,17 +43,27 @@ def tune_cpu_allocator() -> bool:
     this 2-core machine, measured in the fused attention kernel). With the mmap threshold at its maximum
     (32 MB) and no trimming, the next step reuses the same pages: +20% captions/s on one thread
     (benchmarks/bench_train.py). The cost: the process keeps its peak heap until it exits.
+
+    large=True (extraction on CPU) also serves blocks above 32 MB from the heap (mmap off), so a backbone's
+    activations are reused from batch to batch too: EfficientNet-Lite2 at 448 px (its expansion layers hold
+    4 x 96 x 224 x 224 floats = 77 MB at batch 4) page-faulted 1.1 M times in 6 batches, half its CPU time in
+    the kernel, and none with large=True (docs/features.md "The allocator"). The cost: a freed block goes
+    back to the OS only from the heap's top, so the process keeps its peak memory until it exits.
     Idempotent; returns whether it applied (False off glibc or where mallopt refuses)."""
-    if _tuned[0]:
-        return True
+    if not _tuned["steps"]:
+        _tuned["steps"] = _mallopt(((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, 1 << 30),
+                                    (_M_TOP_PAD, 64 << 20)))
+    if large and _tuned["steps"] and not _tuned["large"]:
+        _tuned["large"] = _mallopt(((_M_MMAP_MAX, 0),))
+    return _tuned["large"] if large else _tuned["steps"]
+
+
+def _mallopt(settings) -> bool:
+    """glibc's mallopt(param, value) for each pair; False off glibc or when one is refused."""
     import ctypes
     import ctypes.util
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, 1 << 30),
-                                              (_M_TOP_PAD, 64 << 20)))
-    _tuned[0] = ok
-    return ok
+    return all(mallopt(p, v) == 1 for p, v in settings)
