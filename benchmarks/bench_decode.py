@@ -8,7 +8,10 @@ Without --run, a full-size Decoder (DecoderConfig defaults, vocabulary --vocab) 
 --train-steps steps on random features and synthetic captions of 8-16 words so that it ends its
 captions by itself (an untrained decoder never emits <end> and every image would run to --max-len);
 it is cached in bench_out/ for the next run. Timing excludes training and reading features.
-fp32 throughout. Results go to stdout and, with --out, to a JSON file.
+fp32 throughout. Results go to stdout and, with --out, to a JSON file. --allocator reuse keeps freed memory
+for the next batch (pipeline.device.tune_cpu_allocator(large=True), what `pipeline extract` does on a CPU);
+--allocator default (the default, as `pipeline score`) leaves glibc's. Beam search gained nothing from it
+(docs/features.md "The allocator"), so `score` keeps glibc's.
 """
 from __future__ import annotations
 
@@ -79,9 +82,14 @@ def main(argv=None):
                     help="decoding processes, 1 thread each when > 1 (default, like `pipeline score`: one per core, <= 4)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write results JSON here")
+    ap.add_argument("--allocator", choices=("reuse", "default"), default="default",
+                    help="reuse: freed memory kept for the next batch, as `pipeline extract` on CPU; default: glibc's, as `score`")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.allocator == "reuse":
+        from pipeline.device import tune_cpu_allocator
+        tune_cpu_allocator(large=True)
 
     feats = src = None
     model = None
@@ -135,7 +143,7 @@ def main(argv=None):
               f"{r['mean_len']}, {100 * r['ended']:.0f}% ended; batch {a.batch_size}, load {os.getloadavg()[0]:.1f})")
     if a.out:
         Path(a.out).write_text(json.dumps({"features": src, "batch_size": a.batch_size, "threads": torch.get_num_threads(),
-                                           "workers": a.workers, "load": os.getloadavg()[0],
+                                           "workers": a.workers, "load": os.getloadavg()[0], "allocator": a.allocator,
                                            "results": results}, indent=1))
 
 
