@@ -44,11 +44,12 @@ def tune_cpu_allocator(large: bool = False) -> bool:
     (32 MB) and no trimming, the next step reuses the same pages: +20% captions/s on one thread
     (benchmarks/bench_train.py). The cost: the process keeps its peak heap until it exits.
 
-    large=True (`pipeline extract`, `caption`, `serve` on a CPU: cli._reuse_freed_memory) also serves blocks
-    above 32 MB from the heap (mmap off), so a backbone's activations are reused from batch to batch too: EfficientNet-Lite2 at 448 px (its expansion layers hold
-    4 x 96 x 224 x 224 floats = 77 MB at batch 4) page-faulted 1.1 M times in 6 batches, half its CPU time in
-    the kernel, and none with large=True (docs/features.md "The allocator (CPU)"). The cost: a freed block goes
-    back to the OS only from the heap's top, so the process keeps its peak memory until it exits.
+    large=True (`pipeline extract`, `caption`, `serve` on a CPU: cli._reuse_freed_memory) also serves blocks above
+    32 MB from the heap (mmap off), so a backbone's activations are reused from batch to batch too:
+    EfficientNet-Lite2 at 448 px (its expansion layers hold 4 x 96 x 224 x 224 floats = 77 MB at batch 4)
+    page-faulted 1.1 M times in 6 batches, half its CPU time in the kernel, and none with large=True
+    (docs/features.md "The allocator (CPU)"). The cost: a freed block goes back to the OS only from the heap's top,
+    so the process keeps its peak memory until it exits.
     Idempotent; returns whether it applied (False off glibc or where mallopt refuses)."""
     if not _tuned["steps"]:
         _tuned["steps"] = _mallopt(((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, 1 << 30),
