@@ -126,8 +126,8 @@ def main(argv=None):
     if not members:
         ap.error("give --model NAME or --run RUN")
     paths = photos(args.images, args.n)
-    res = {"members": [str(m) for m in members], "beam": args.beam, "threads": args.threads, "allocator": args.allocator,
-           "load_average": os.getloadavg(), "cpu": bench_cli(members, paths, args)}
+    res = {"members": [str(m) for m in members], "beam": args.beam, "threads": args.threads,
+           "allocator": args.allocator, "load_average": os.getloadavg(), "cpu": bench_cli(members, paths, args)}
     if args.page:
         member_args = [x for r in args.run for x in ("--run", r)] + [x for m in args.model for x in ("--model", m)]
         res["page"] = bench_page(member_args, paths[0], args)

@@ -11,7 +11,7 @@ it is cached in bench_out/ for the next run. Timing excludes training and readin
 fp32 throughout. Results go to stdout and, with --out, to a JSON file. --allocator reuse keeps freed memory
 for the next batch (pipeline.device.tune_cpu_allocator(large=True), what `pipeline extract` does on a CPU);
 --allocator default (the default, as `pipeline score`) leaves glibc's. Beam search gained nothing from it
-(docs/features.md "The allocator"), so `score` keeps glibc's.
+(docs/features.md "The allocator (CPU)"), so `score` keeps glibc's.
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--allocator", choices=("reuse", "default"), default="default",
-                    help="reuse: freed memory kept for the next batch, as `pipeline extract` on CPU; default: glibc's, as `score`")
+                    help="reuse: freed memory kept for the next batch, as `pipeline extract` on CPU; "
+                         "default: glibc's, as `score`")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

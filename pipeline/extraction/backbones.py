@@ -455,8 +455,9 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("densenet161", 448, (14, 14), 2208, imagenet_preprocessing(448),
                      _torchvision_builder("densenet161", "DenseNet161_Weights"), amp="float16"),
         BackboneSpec("efficientnet_lite2", 448, (14, 14), 1280, tflite_preprocessing(448),
-                     build_efficientnet_lite2, amp="float16", cpu_batch=4,   # 13.2 img/s at 4, 8.0 at 16 (2 threads); with
-                     # freed memory kept (cli._reuse_freed_memory) 32.2 at 2, 30.2 at 4, 28.5 at 8, 24.5 at 16 (2026-12-07)
+                     build_efficientnet_lite2, amp="float16", cpu_batch=4,   # 13.2 img/s at 4, 8.0 at 16 (2 threads);
+                     # with freed memory kept (cli._reuse_freed_memory): 32.2 at 2, 30.2 at 4, 28.5 at 8,
+                     # 24.5 at 16 (2026-12-07, separate runs)
                      notes=f"optional: {EFFLITE_PIP}",
                      cuts=(Cut("last_stage_input", 20, 208, "block 19's output (14x14x208); the top is the last "
                                "stage (one MBConv6 block, 208 -> 352) + the 1x1 head conv + BN + ReLU6"),)),
