@@ -268,6 +268,7 @@ def train_cmd(features, run_dir, resume, **kw):
     rewritten). --resume on a run with no checkpoint yet starts it, so one command both starts and
     continues a long run. --init-from RUN starts a new run from RUN's weights (e.g. --objective scst).
     """
+    from pipeline.training import interrupt
     from pipeline.training.train import train
 
     tkw, dkw = given(config.TrainConfig, kw), given(config.DecoderConfig, kw)
@@ -285,8 +286,11 @@ def train_cmd(features, run_dir, resume, **kw):
             run_dir = Path("runs") / ("+".join(Path(f).stem for f in features) + f"_{dkw.get('attention', 'soft')}")
         else:
             raise UserError("--resume needs --run DIR (the run to continue).")
-    train(config.TrainConfig(**tkw) if features else None, config.DecoderConfig(**dkw), run_dir, resume=resume,
-          overrides={**tkw, **dkw}, echo=click.echo, init_loader=_init_loader(tkw.get("init_from")))
+    res = train(config.TrainConfig(**tkw) if features else None, config.DecoderConfig(**dkw), run_dir,
+                resume=resume, overrides={**tkw, **dkw}, echo=click.echo,
+                init_loader=_init_loader(tkw.get("init_from")))
+    if interrupt.exit_code(res.get("stopped", "")):   # checkpointed after Ctrl-C / SIGTERM: exit as the signal would
+        raise SystemExit(interrupt.exit_code(res["stopped"]))
 
 
 def _init_loader(ref):

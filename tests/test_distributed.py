@@ -474,6 +474,33 @@ def test_two_process_train_equals_one_process(train_feats, tmp_path):
     _assert_same_params(a, b)
 
 
+def _signalled_worker(rank, world, port, feats, run, out):
+    """Rank 1 alone gets SIGTERM at step 2; both ranks must stop together and rank 0 checkpoint."""
+    import json
+    import os
+    import signal
+    from pipeline.training.train import train
+    set_dist_env(rank, world, port)
+    D.init_from_env()
+    kill = (lambda s, loss: os.kill(os.getpid(), signal.SIGTERM) if s == 2 else None) if rank == 1 else None
+    try:
+        res = train(*_train_args(feats, epochs=40), run, echo=lambda s: None, on_step=kill)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"stopped": res["stopped"], "step": res["step"]}))
+    finally:
+        D.cleanup()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(train_feats, tmp_path):
+    """Under DDP the ranks agree on a signal every 16th step (and after each validation): one signalled rank
+    stops them all at one step, no rank left waiting in a collective, rank 0's last.pt at that step."""
+    import json
+    spawn(_signalled_worker, 2, str(train_feats), str(tmp_path / "run"), str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["step"] == got[1]["step"] and got[0]["stopped"] == "SIGTERM" and got[1]["stopped"] == "SIGTERM"
+    ck = _params(tmp_path / "run")
+    assert ck["step"] == got[0]["step"] >= 2 and not ck["finished"] and ck["epoch"] < 40
+
+
 @pytest.mark.slow
 def test_resume_with_another_number_of_processes(train_feats, tmp_path):
     """2 ranks stop mid-epoch, 1 process resumes through validation, 2 ranks finish: = 1 process."""

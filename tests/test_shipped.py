@@ -319,3 +319,22 @@ def test_a_run_and_its_export_record_the_precision_of_their_features(tiny):
     assert [f["provenance"]["precision"] for f in run_feats] == ["fp32"]      # a cache without the attribute: fp32
     m = shipped.read_manifest(tiny["models"] / "tiny")
     assert [f["provenance"]["precision"] for f in m["features"]] == ["fp32"]
+
+
+def test_a_cut_cache_model_names_its_layer_and_the_extraction_with_layer():
+    """A model trained on a cut cache (extract --layer, the top fine-tuned in top.pt): its card and
+    `check_cache` error give the extraction that makes that cache, --layer included."""
+    from types import SimpleNamespace
+    from pipeline.inference.export import _feature_entries
+    prov = {"backbone": "efficientnet_lite2", "dataset": "flickr8k", "weights_sha256": "ab" * 32,
+            "layer": "last_stage_input"}
+    loaded = SimpleNamespace(run_dir="runs/x", features=[
+        {"provenance": prov, "path": "/data/flickr8k_efficientnet_lite2_last_stage_input.h5"},
+        {"provenance": dict(prov, layer=None), "path": "/data/flickr8k_efficientnet_lite2.h5"}])
+    cut, final = _feature_entries(loaded)
+    assert cut["extract"] == ("pipeline extract --dataset flickr8k --backbone efficientnet_lite2 --layer "
+                              "last_stage_input --out features/flickr8k_efficientnet_lite2_last_stage_input.h5")
+    assert cut["layer"].startswith("`last_stage_input` of efficientnet_lite2: block 19's output (14x14x208)")
+    assert final["extract"] == ("pipeline extract --dataset flickr8k --backbone efficientnet_lite2 "
+                                "--out features/flickr8k_efficientnet_lite2.h5")
+    assert "head conv" in final["layer"] and "last_stage_input" not in final["layer"]

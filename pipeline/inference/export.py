@@ -144,6 +144,7 @@ def _write_files(tmp: Path, loaded, dtype: str) -> dict:
 
 def _feature_entries(loaded) -> list[dict]:
     from pipeline.extraction.backbones import get_spec
+    from pipeline.extraction.cuts import cut_of
     out = []
     for f in loaded.features:
         prov = dict(f.get("provenance") or {})
@@ -152,11 +153,14 @@ def _feature_entries(loaded) -> list[dict]:
             raise UserError(f"{loaded.run_dir}: its features were made {how}; a shipped model must caption new "
                             f"photos, so it needs a run trained on features of real, recorded weights.")
         spec = get_spec(prov["backbone"])
-        doc = (spec.builder.__doc__ or "").strip().split("\n\n")[0]
-        cache = Path(f.get("path") or "")
-        out.append({"provenance": prov, "layer": " ".join(doc.split()) or spec.notes,
+        doc = " ".join((spec.builder.__doc__ or "").strip().split("\n\n")[0].split()) or spec.notes
+        cache, cut = Path(f.get("path") or ""), prov.get("layer")   # a cut cache: the top is in top.pt
+        if cut:
+            doc = f"`{cut}` of {spec.name}: {cut_of(spec, cut).about} (fine-tuned top in top.pt)"
+        out.append({"provenance": prov, "layer": doc,
                     "cache": str(Path("features") / cache.name) if cache.name else "",
                     "extract": f"pipeline extract --dataset {prov.get('dataset')} --backbone {prov['backbone']}"
+                               + (f" --layer {cut}" if cut else "")
                                + (f" --out features/{cache.name}" if cache.name else "")})
     return out
 

@@ -14,7 +14,8 @@ moving average of the weights (ema.py), which is what best.pt and last.pt hold a
 `TrainState` (state.py) holds everything a run is (model, optimizer, schedule, RNG, counters, history,
 settings, vocabulary, the features' provenance) and builds the checkpoint dict in one place
 (`to_checkpoint`/`from_checkpoint`). Checkpoints are written atomically, best.pt before last.pt;
-`--max-minutes` checkpoints and stops mid-epoch, `--resume` continues from last.pt bit-exactly.
+`--max-minutes`, Ctrl-C and SIGTERM (interrupt.py) checkpoint and stop mid-epoch, `--resume` continues from
+last.pt bit-exactly.
 A run directory is locked while a process trains it (runs.run_lock).
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pipeline.training.batching import epoch_plan
 from pipeline.training.curves import plot_curves
 from pipeline.training.data import Batches, Data, Features
 from pipeline.training.objectives import tokenized
+from pipeline.training.interrupt import SIGNAL_NAMES, StopRequest
 from pipeline.training.progress import EpochProgress
 from pipeline.training.state import RESUMABLE, TrainState, setup  # noqa: F401  (RESUMABLE re-exported)
 
@@ -50,9 +52,11 @@ class Diverged(Exception):
     """A non-finite loss; train() turns it into one UserError saying what the run directory still holds."""
 
 
-def train_one_epoch(state: TrainState, data: Data, net, *, deadline: float, echo, on_step=None) -> str | None:
-    """The epoch's remaining batches (from progress.batch_in_epoch). Returns "max-steps"/"max-minutes" when
-    it stopped early (the caller checkpoints), None when the epoch is done."""
+def train_one_epoch(state: TrainState, data: Data, net, *, deadline: float, echo, on_step=None,
+                    stop_request: StopRequest | None = None) -> str | None:
+    """The epoch's remaining batches (from progress.batch_in_epoch). Returns "max-steps", "max-minutes" or the
+    signal's name ("SIGINT", "SIGTERM": interrupt.py) when it stopped early (the caller checkpoints), None when
+    the epoch is done."""
     cfg, model, opt, p = state.cfg, state.model, state.optimizer, state.progress
     batches, weights, sizes = epoch_plan(data.sampler, p.epoch)
     batches_left = Batches(batches[p.batch_in_epoch:], data.collate)
@@ -91,15 +95,29 @@ def train_one_epoch(state: TrainState, data: Data, net, *, deadline: float, echo
             meter.step(p.step, acc["loss"] / acc["steps"], acc["nll"] / acc["steps"])
         else:
             meter.step(p.step)
-        out_of_time = deadline < math.inf and dist_mod.any_rank(time.time() > deadline, state.device)
-        if (cfg.max_steps and p.step >= cfg.max_steps) or out_of_time:
+        early = _stop_early(deadline, stop_request, state.device, p.step)
+        if (cfg.max_steps and p.step >= cfg.max_steps) or early:
             if p.batch_in_epoch < len(batches):
-                stop = "max-minutes" if out_of_time else "max-steps"
+                stop = early or "max-steps"
             break
     meter.close()
     _flush(acc, sums)
     acc["train_s"] += time.time() - t_ep
     return stop
+
+
+def _stop_early(deadline: float, stop_request: StopRequest | None, device, step: int) -> str | None:
+    """"max-minutes" past the deadline, the signal's name after SIGINT/SIGTERM, else None; under DDP every
+    rank agrees (a collective each step with a deadline, every 16th step without one)."""
+    late = time.time() > deadline
+    sig = stop_request.signal if stop_request is not None else None
+    if dist_mod.current().distributed and (deadline < math.inf or step % 16 == 0):
+        late = dist_mod.any_rank(late, device)
+        if not late and dist_mod.any_rank(sig is not None, device):
+            sig = sig or "SIGTERM"       # another rank got it first; this one stops with it
+    elif dist_mod.current().distributed:
+        return None
+    return "max-minutes" if late else sig
 
 
 def _flush(acc: dict, sums: torch.Tensor) -> None:
@@ -189,8 +207,27 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
     dist_mod.seed_rank(cfg.seed, p.step)
     stop = "early-stopped" if p.bad_epochs >= cfg.patience else None
     model.train()
+    with StopRequest() as stop_request:      # Ctrl-C / SIGTERM: checkpoint after the step, then stop
+        stop = _loop(state, data, net, run_dir, dinfo, meter, deadline, stop, stop_request, echo, on_step)
+    dist_mod.barrier()   # rank 0's checkpoint is written before any rank returns
+    if stop in ("max-minutes", "max-steps") or stop in SIGNAL_NAMES:
+        echo(f"stopped ({stop}) at epoch {p.epoch + 1}, step {p.step}; continue with --resume")
+    elif stop == "early-stopped":
+        echo(f"early stop: no val {cfg.metric} gain for {p.bad_epochs} epochs; best {p.best_score:.4f} "
+             f"at epoch {p.best_epoch}")
+    echo(compute_mod.summary(p.compute))
+    return {"run": str(run_dir), "epoch": p.epoch, "step": p.step, "best_score": p.best_score,
+            "best_epoch": p.best_epoch, "select_metric": cfg.metric, "stopped": stop or "done", "history": p.history,
+            "compute": p.compute}
+
+
+def _loop(state: TrainState, data: Data, net, run_dir: Path, dinfo, meter, deadline: float, stop: str | None,
+          stop_request: StopRequest, echo, on_step) -> str | None:
+    """Epochs until done, early-stopped or stopped (max-steps, max-minutes, a signal); -> the stop reason."""
+    cfg, p, model = state.cfg, state.progress, state.model
     while p.epoch < cfg.epochs and stop is None:
-        stop = train_one_epoch(state, data, net, deadline=deadline, echo=echo, on_step=on_step)
+        stop = train_one_epoch(state, data, net, deadline=deadline, echo=echo, on_step=on_step,
+                               stop_request=stop_request)
         if stop is not None:
             state.add_compute(compute_mod.lap(meter, state.device))
             _save(state, run_dir, dinfo, finished=False)
@@ -209,18 +246,9 @@ def _train(cfg, dcfg, run_dir: Path, resume: bool, overrides: dict, echo, on_ste
         if stop is None and p.epoch < cfg.epochs:
             if cfg.max_steps and p.step >= cfg.max_steps:
                 stop = "max-steps"
-            elif deadline < math.inf and dist_mod.any_rank(time.time() > deadline, state.device):
-                stop = "max-minutes"
-    dist_mod.barrier()   # rank 0's checkpoint is written before any rank returns
-    if stop in ("max-minutes", "max-steps"):
-        echo(f"stopped ({stop}) at epoch {p.epoch + 1}, step {p.step}; continue with --resume")
-    elif stop == "early-stopped":
-        echo(f"early stop: no val {cfg.metric} gain for {p.bad_epochs} epochs; best {p.best_score:.4f} "
-             f"at epoch {p.best_epoch}")
-    echo(compute_mod.summary(p.compute))
-    return {"run": str(run_dir), "epoch": p.epoch, "step": p.step, "best_score": p.best_score,
-            "best_epoch": p.best_epoch, "select_metric": cfg.metric, "stopped": stop or "done", "history": p.history,
-            "compute": p.compute}
+            else:
+                stop = _stop_early(deadline, stop_request, state.device, 0)   # step 0: DDP ranks agree now
+    return stop
 
 
 def bf16_projections(cfg: TrainConfig, dcfg: DecoderConfig, device: torch.device) -> bool:
