@@ -129,10 +129,18 @@ def test_resume_after_exception_identical(tmp_path, tiny, monkeypatch):
     ref = readers.FeatureStore.open(run(recs, tmp_path / "ref.h5").path).load_features()
     out = tmp_path / "crash.h5"
     monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec(fail_after=2))
+    from pipeline.extraction import writer as writer_mod
+    real_write = writer_mod.write_rows
+
+    def slow_write(*a):                      # a writer behind the backbone: batches still queued at the crash
+        time.sleep(0.3)
+        real_write(*a)
+    monkeypatch.setattr(writer_mod, "write_rows", slow_write)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(recs, out)
+    monkeypatch.setattr(writer_mod, "write_rows", real_write)
     done = readers.FeatureStore.open(out, require_complete=False).done
-    assert 0 < done.sum() < len(done)
+    assert done.sum() == 2 * 3 < len(done)   # both batches computed before the crash are written and done
     with pytest.raises(UserError, match="incomplete"):
         readers.FeatureStore.open(out)
     monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny_spec())

@@ -368,20 +368,23 @@ def _run_backbone(module, spec, batches, out: Path, paths, total: int, *, dev, d
     except OSError as e:
         writer.abort()
         raise disk_error(out, e) from e
-    except UserError:            # a refused batch (NaN features): the batches queued before it are good
-        try:
-            writer.close()
-        except WriterFailed:
-            pass
-        raise
-    except BaseException:
-        writer.abort()           # never raises: the error that stopped us is the one reported
+    except BaseException:        # a refused batch (NaN features), a backbone error, Ctrl-C: the batches
+        _write_queued(writer)    # queued before it are good, so they are written and marked done first
         raise
     finally:
         bar.close()
         if hasattr(batches, "close"):
             batches.close()    # the GPU input path's reader threads
     return computed, bad
+
+
+def _write_queued(writer: Writer) -> None:
+    """Write and commit what the writer still has queued (at most its queue's 8 batches); never raises: the
+    error that stopped the extraction is the one reported (a writer failing too just stops)."""
+    try:
+        writer.close()
+    except BaseException:   # noqa: BLE001 - WriterFailed, or a second Ctrl-C while it writes
+        writer.abort()
 
 
 def check_computed(feats: np.ndarray, rows: np.ndarray, isbad: np.ndarray, paths, backbone: str) -> None:

@@ -2,7 +2,8 @@
 /done for those rows, so the backbone never waits on HDF5 and a crash never marks unwritten rows done.
 
 Resumable: rows with /done set are skipped by the next extraction, so a killed run (even kill -9)
-continues where it stopped; at most FLUSH_EVERY_S of finished work is lost.
+continues where it stopped; at most FLUSH_EVERY_S of finished work is lost. An exception or Ctrl-C in the main
+thread closes the writer (extract._write_queued), so what was queued is written and marked done first.
 """
 from __future__ import annotations
 
