@@ -289,8 +289,9 @@ def train_cmd(features, run_dir, resume, **kw):
     res = train(config.TrainConfig(**tkw) if features else None, config.DecoderConfig(**dkw), run_dir,
                 resume=resume, overrides={**tkw, **dkw}, echo=click.echo,
                 init_loader=_init_loader(tkw.get("init_from")))
-    if interrupt.exit_code(res.get("stopped", "")):   # checkpointed after Ctrl-C / SIGTERM: exit as the signal would
-        raise SystemExit(interrupt.exit_code(res["stopped"]))
+    code = interrupt.exit_code(res.get("stopped", ""))
+    if code:                           # checkpointed after Ctrl-C / SIGTERM: exit as the signal would
+        raise SystemExit(code)
 
 
 def _init_loader(ref):

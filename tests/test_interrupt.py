@@ -16,6 +16,7 @@ from pipeline.training.interrupt import StopRequest, exit_code
 from pipeline.training.runs import load_checkpoint
 from pipeline.training.train import train
 
+
 def _cfg(feats, **kw):
     return TrainConfig(**dict(dict(features=str(feats), epochs=2, batch_size=8, min_count=1, lr=3e-3,
                                    log_every=1000, ema=0.9), **kw))

@@ -107,16 +107,16 @@ def train_one_epoch(state: TrainState, data: Data, net, *, deadline: float, echo
 
 
 def _stop_early(deadline: float, stop_request: StopRequest | None, device, step: int) -> str | None:
-    """"max-minutes" past the deadline, the signal's name after SIGINT/SIGTERM, else None; under DDP every
-    rank agrees (a collective each step with a deadline, every 16th step without one)."""
-    late = time.time() > deadline
-    sig = stop_request.signal if stop_request is not None else None
-    if dist_mod.current().distributed and (deadline < math.inf or step % 16 == 0):
-        late = dist_mod.any_rank(late, device)
-        if not late and dist_mod.any_rank(sig is not None, device):
-            sig = sig or "SIGTERM"       # another rank got it first; this one stops with it
-    elif dist_mod.current().distributed:
+    """"max-minutes" past the deadline, the signal's name after SIGINT/SIGTERM, else None. Under DDP every rank
+    agrees: one collective a step with a deadline, every 16th step without one (a second only to stop)."""
+    ddp = dist_mod.current().distributed
+    if ddp and deadline == math.inf and step % 16:
         return None
+    late, sig = time.time() > deadline, (stop_request.signal if stop_request is not None else None)
+    if ddp:
+        if not dist_mod.any_rank(late or sig is not None, device):
+            return None
+        late, sig = dist_mod.any_rank(late, device), sig or "SIGTERM"   # another rank may have got the signal
     return "max-minutes" if late else sig
 
 
