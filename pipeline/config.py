@@ -234,6 +234,13 @@ class TrainConfig(DecodingRules):
     flip: bool = setting(False, "xe: per caption and epoch, train on the image's original or horizontally flipped "
                                 "view (a cache made with extract --flip), drawn from the seed; 'left' and 'right' "
                                 "are exchanged in the flipped view's caption. Validation reads the original view.")
+    distill: str = setting("", "xe: also train on a teacher's captions of the train images (sequence-level "
+                               "knowledge distillation): a results_train.*.json that `pipeline score --run TEACHER "
+                               "[--run ...] --split train` wrote. docs/training.md.")
+    human_captions: bool = setting(True, "xe: train on the dataset's captions; --no-human-captions with --distill "
+                                         "trains on the teacher's alone.")
+    distill_sha256: str = setting("", "The --distill file's sha256, recorded when the run starts (a resume "
+                                      "refuses a changed file).", cli=False)
 
     # The settings whose default depends on --objective (a field above defaulting to None takes its value from
     # here, by objective; a run saves the value it got). xe: the recipe measured on Flickr8k VGG19, three seeds
@@ -259,6 +266,11 @@ class TrainConfig(DecodingRules):
         check(self)
         if self.flip and self.objective == "scst":
             raise UserError("--flip draws views per caption (cross-entropy); --objective scst does not read them.")
+        if self.distill and self.objective == "scst":
+            raise UserError("--distill adds cross-entropy targets; --objective scst does not read them (train the "
+                            "student with cross-entropy first, then --init-from it for SCST).")
+        if not self.human_captions and not self.distill:
+            raise UserError("--no-human-captions leaves no captions to train on: give the teacher's with --distill.")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

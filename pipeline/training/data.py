@@ -120,6 +120,12 @@ def make_data(st, vocab: Vocab, cfg: TrainConfig, features: Features, refs: dict
 
 def _xe_data(st, vocab: Vocab, cfg: TrainConfig, features: Features, echo):
     rows, caps = st.captions_of("train")
+    if cfg.distill:     # sequence-level distillation: the teacher's captions too, or alone (distill.py)
+        from pipeline.training.distill import teacher_captions
+        t_rows, t_caps, cfg.distill_sha256 = teacher_captions(cfg.distill, st, cfg.distill_sha256)
+        echo(f"distillation: {len(t_caps)} teacher captions from {cfg.distill}"
+             + ("" if cfg.human_captions else ", the dataset's captions left out"))
+        rows, caps = ((np.concatenate([rows, t_rows]), caps + t_caps) if cfg.human_captions else (t_rows, t_caps))
     tokens = [np.array(vocab.encode_caption(c), dtype=np.int64) for c in caps]
     keep, dropped = select_lengths([len(t) - 2 for t in tokens], cfg.max_len)
     rows, tokens = np.asarray(rows)[keep], [t for t, k in zip(tokens, keep) if k]
