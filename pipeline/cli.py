@@ -89,6 +89,18 @@ class _Group(click.Group):
 @click.version_option(package_name="pipeline")
 def main():
     """Show, Attend and Tell: extract features once, train attention decoders, decode, score, caption."""
+    exit_on_sigterm()
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, a scheduler's stop) ends a command through Python, as Ctrl-C does: the java of METEOR and
+    SPICE that `score` started is stopped and its temporary folder removed, where Python's default action (die at
+    once) left SPICE's java running for minutes at full CPU. Exit status 143, as death by SIGTERM; `train` installs
+    its own handler while it trains (checkpoint, then stop: training/interrupt.py)."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def _reuse_freed_memory(device: str) -> None:
