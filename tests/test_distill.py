@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from helpers_store import make_store
 from pipeline.cache.readers import open_features
@@ -14,8 +15,7 @@ from pipeline.training.data import Features, _xe_data
 from pipeline.training.distill import teacher_captions
 from pipeline.training.runs import load_checkpoint
 from pipeline.training.train import train
-
-SMALL = dict(embed_dim=12, hidden_dim=12, attention_dim=12, dropout=0.3)
+from test_ema import SMALL
 TEACHER = ["a red circle on grass", "a blue square", "a green triangle near a red circle"]
 
 
@@ -38,7 +38,7 @@ def _cfg(feats, **kw):
 def _trained_on(st, cfg):
     """Every (row, caption tokens) one epoch of cross-entropy batches holds."""
     vocab = Vocab.build(st.captions_of("train")[1] + TEACHER, 1)
-    features = Features(st, True, __import__("torch").device("cpu"))
+    features = Features(st, True, torch.device("cpu"))
     sampler, collate = _xe_data(st, vocab, cfg, features, lambda *_: None)
     seen = []
     for idx in sampler.batches(0):
