@@ -446,6 +446,23 @@ def export_cmd(run, name, force, features, train_command, limits, **kw):
                limits=limits.read_text() if limits else None, log=click.echo)
 
 
+@main.command("average")
+@click.option("--run", "run_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="A run directory (its best.pt): one member.")
+@click.option("--model", "models", multiple=True, help="A shipped model (`pipeline models`): one member.")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="One per member, in the order --run ones then --model ones [default: all equal]; normalised to "
+                   "sum 1. Two members with --weight 1-a --weight a: the interpolation theta(a) of WiSE-FT.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="The new run folder for the mean decoder (e.g. runs/NAME).")
+def average_cmd(run_dirs, models, weights, out):
+    """One decoder whose weights are the weighted mean of the members' (decoders fine-tuned from one start: a
+    cross-entropy run and its SCST fine-tuning, or several fine-tunings), written as a run that score, caption,
+    export and `train --init-from` read. Same size and speed as one member, unlike an ensemble."""
+    from pipeline.inference.average import average_runs
+    average_runs(members(run_dirs, models) or [], list(weights), out, log=click.echo)
+
+
 @main.command()
 @click.option("--model", "models", multiple=True, help="A shipped model (`pipeline models`); several, or with "
               "--run: an ensemble [default: the newest run under runs/, else the best shipped model].")

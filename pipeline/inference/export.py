@@ -76,6 +76,32 @@ def train_command(ckpt: dict) -> str:
     return " ".join(parts)
 
 
+def average_command(ckpt: dict) -> str | None:
+    """The `pipeline average` command of a run it wrote (None for any other run)."""
+    avg = ckpt.get("average")
+    if not avg:
+        return None
+    members = avg["members"]
+    parts = ["pipeline average"] + [f"--run {m['run']}" for m in members if "run" in m] + \
+        [f"--model {m['model']}" for m in members if "model" in m]
+    ws = [m["weight"] for m in members if "run" in m] + [m["weight"] for m in members if "model" in m]
+    if len(set(ws)) > 1:
+        parts += [f"--weight {w:g}" for w in ws]
+    return " ".join(parts + ["--out RUN"])
+
+
+def _origin(src: dict) -> str:
+    """The model card's first words on where the weights come from."""
+    avg = src.get("average")
+    if not avg:
+        return (f"Exported from run `{Path(src['run']).name}` ({src['checkpoint']}.pt, epoch {src.get('epoch')}, "
+                f"selected on val {src.get('select_metric')})")
+    members = ", ".join(f"`{m.get('model') or m.get('run')}` x {m['weight']:.3g} (epoch {m.get('epoch')}, sha256 "
+                        f"`{str(m.get('sha256'))[:12]}`)" for m in avg["members"])
+    return (f"Exported from run `{Path(src['run']).name}`, the weighted mean of {len(avg['members'])} decoders' weights "
+            f"(`pipeline average`, docs/training.md): {members},")
+
+
 EXECUTION = ("device", "workers", "batch_size", "progress")   # ScoreConfig fields that do not change the captions
 
 
@@ -277,7 +303,8 @@ def _manifest(name, loaded, entries, files, s32, s16, dtype, why, scfg, test, co
         "source": {"run": str(loaded.run_dir), "checkpoint": loaded.which, "epoch": ck.get("epoch"),
                    "select_metric": ck.get("select_metric"), "best_score": ck.get("best_score"),
                    "train_config": ck.get("train_config"), "init_from": ck.get("init_from"),
-                   "train_command": command or train_command(ck)},
+                   "train_command": command or average_command(ck) or train_command(ck),
+                   **({"average": ck["average"]} if ck.get("average") else {})},
     }
 
 
@@ -329,7 +356,7 @@ def model_card(m: dict, limits: str | None = None) -> str:
         name=m["name"], backbone=" + ".join(names), backbone_make=" && ".join(MAKE_TARGET.get(n, "make weights") for n in names),
         data=f"Dataset `{dataset}` (split hashes in {shipped.MANIFEST}); trained on its train split, the checkpoint "
              f"selected on val, scored on val; the test split is blind.",
-        run=Path(src["run"]).name, checkpoint=src["checkpoint"], epoch=src.get("epoch"),
+        origin=_origin(src), run=Path(src["run"]).name, checkpoint=src["checkpoint"], epoch=src.get("epoch"),
         select_metric=src.get("select_metric"), train_command=src["train_command"],
         decoder=f"{dc.get('attention')} attention, embedding {dc.get('embed_dim')}, LSTM {dc.get('hidden_dim')}, "
                 f"attention MLP {dc.get('attention_dim')}",

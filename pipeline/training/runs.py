@@ -52,7 +52,8 @@ CHECKPOINT_KEYS = frozenset({
     "best_epoch", "bad_epochs", "history", "epoch_acc", "select_metric", "vocab", "decoder_config", "train_config",
     "features", "feature_dim", "num_regions"})
 OPTIONAL_KEYS = frozenset({"code_version", "finished", "init_from", "compute",   # absent from some older files
-                           "ema"})                                               # only with --ema (ema.py)
+                           "ema",                                                # only with --ema (ema.py)
+                           "average"})                 # only in `pipeline average`'s mean decoder (inference/average.py)
 
 
 def load_checkpoint(path: Path, *, mmap: bool = False) -> dict:

@@ -236,7 +236,7 @@ def setup(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path, *,
         np.random.seed(cfg.seed)
         echo(f"{len(data.sampler)} batches/epoch, vocab {len(vocab)}, {len(refs)} val images, features "
              f"{'in memory' if in_ram else 'read lazily'}, device {device}"
-             + (f", from {init.run_dir} ({_which(init)}, epoch {init.ckpt['epoch']})" if init else ""))
+             + (f", from {init.run_dir} ({_which(init)})" if init else ""))
     if dinfo.is_main:   # config.json says what the run is now (a --resume may have changed its settings)
         run_dir.mkdir(parents=True, exist_ok=True)
         vocab.save(run_dir / "vocab.json")
@@ -266,7 +266,9 @@ def _settings(cfg: TrainConfig | None, dcfg: DecoderConfig | None, run_dir: Path
 
 
 def _which(init: runs.LoadedRun) -> str:
-    return "a shipped model" if init.which == "shipped" else f"{init.which}.pt"
+    if init.ckpt.get("average"):     # `pipeline average`'s run: a mean of decoders, trained for no epoch itself
+        return f"{init.which}.pt: the mean of {len(init.ckpt['average']['members'])} decoders"
+    return ("a shipped model" if init.which == "shipped" else f"{init.which}.pt") + f", epoch {init.ckpt['epoch']}"
 
 
 def load_init_run(ref: str, log) -> runs.LoadedRun:
