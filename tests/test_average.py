@@ -133,3 +133,19 @@ def test_an_exported_mean_names_its_members_on_the_card(here, tmp_path):
     assert "the weighted mean of 2 decoders' weights (`pipeline average`, docs/training.md): `runs/tiny_run` x 0.25" \
         in card
     assert "epoch 0" not in card
+    assert cli("average", "--run", "runs/avg3", "--run", ft, "--out", "runs/avg_of_avg")[0] == 0
+    rec = load_run("runs/avg_of_avg", **QUIET_LOG).ckpt["average"]["members"][0]
+    assert rec["epoch"] is None and rec["average_of"] == ["runs/tiny_run", "runs/tiny_ft"]
+    d = export_run(Path("runs/avg_of_avg"), "tiny_avg2", ExportConfig(dtype="float32"), ScoreConfig(**QUIET),
+                   root=tmp_path / "models", log=lambda *_: None)
+    assert "`runs/avg3` x 0.5 (the mean of `runs/tiny_run`, `runs/tiny_ft`, sha256" in (d / "README.md").read_text()
+
+
+def test_the_folder_is_made_as_any_run_folder(here):
+    import os
+    assert cli("average", "--run", "runs/tiny_run", "--model", "tiny32", "--out", "runs/avg_mode")[0] == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert Path("runs/avg_mode").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert sorted(p.name for p in Path("runs/avg_mode").iterdir()) == [".pipeline-run", "best.pt", "config.json",
+                                                                       "vocab.json"]

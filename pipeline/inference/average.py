@@ -116,8 +116,10 @@ def _member_record(loaded, ref, weight: float) -> dict:
         return {"model": loaded.ckpt["shipped"], "file": str(path), "sha256": m["files"]["decoder"]["sha256"],
                 "epoch": loaded.ckpt.get("epoch"), "code_version": loaded.ckpt.get("code_version"), "weight": weight}
     path = Path(loaded.run_dir) / f"{loaded.which}.pt"
-    return {"run": str(ref), "file": str(path), "sha256": sha256_file(path), "epoch": loaded.ckpt.get("epoch"),
-            "code_version": loaded.ckpt.get("code_version"), "weight": weight}
+    inner = (loaded.ckpt.get("average") or {}).get("members")     # a member that is itself a mean: its members
+    return {"run": str(ref), "file": str(path), "sha256": sha256_file(path),
+            "epoch": None if inner else loaded.ckpt.get("epoch"), "code_version": loaded.ckpt.get("code_version"),
+            "weight": weight, **({"average_of": [m.get("run") or m.get("model") for m in inner]} if inner else {})}
 
 
 def average_checkpoint(loaded: Sequence, refs: Sequence, weights: Sequence[float]) -> dict:
@@ -159,6 +161,9 @@ def average_runs(refs: Sequence, weights: Sequence[float], out: Path, log=print)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.average-", dir=out.parent))  # renamed into place when complete
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)       # mkdtemp's folder is private (0700); a run folder is not
         write_text(tmp / MARKER, "made by pipeline average\n")
         loaded[0].vocab.save(tmp / "vocab.json")
         write_json(tmp / "config.json", {"train": ckpt["train_config"], "decoder": ckpt["decoder_config"],

@@ -96,8 +96,11 @@ def _origin(src: dict) -> str:
     if not avg:
         return (f"Exported from run `{Path(src['run']).name}` ({src['checkpoint']}.pt, epoch {src.get('epoch')}, "
                 f"selected on val {src.get('select_metric')})")
-    members = ", ".join(f"`{m.get('model') or m.get('run')}` x {m['weight']:.3g} (epoch {m.get('epoch')}, sha256 "
-                        f"`{str(m.get('sha256'))[:12]}`)" for m in avg["members"])
+    def what(m):
+        made = f"the mean of {', '.join(f'`{x}`' for x in m['average_of'])}" if m.get("average_of") else \
+            f"epoch {m.get('epoch')}"
+        return f"`{m.get('model') or m.get('run')}` x {m['weight']:.3g} ({made}, sha256 `{str(m.get('sha256'))[:12]}`)"
+    members = ", ".join(what(m) for m in avg["members"])
     return (f"Exported from run `{Path(src['run']).name}`, the weighted mean of {len(avg['members'])} decoders' weights "
             f"(`pipeline average`, docs/training.md): {members},")
 

