@@ -126,6 +126,7 @@ def test_an_exported_mean_names_its_members_on_the_card(here, tmp_path):
     d = export_run(Path("runs/avg3"), "tiny_avg", ExportConfig(dtype="float32"), ScoreConfig(**QUIET),
                    root=tmp_path / "models", log=lambda *_: None)
     m = shipped.read_manifest(d)
+    json.loads((d / "model.json").read_text(), parse_constant=lambda c: pytest.fail(f"model.json holds {c}"))
     assert m["source"]["average"] == load_run("runs/avg3", **QUIET_LOG).ckpt["average"]
     assert m["source"]["train_command"] == ("pipeline average --run runs/tiny_run --run runs/tiny_ft "
                                             "--weight 0.25 --weight 0.75 --out RUN")

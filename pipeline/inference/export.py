@@ -90,6 +90,11 @@ def average_command(ckpt: dict) -> str | None:
     return " ".join(parts + ["--out RUN"])
 
 
+def _finite(x):
+    """A number JSON can hold: None for a NaN (a `pipeline average` run selected no epoch: its best_score is NaN)."""
+    return None if isinstance(x, float) and x != x else x
+
+
 def _origin(src: dict) -> str:
     """The model card's first words on where the weights come from."""
     avg = src.get("average")
@@ -304,7 +309,7 @@ def _manifest(name, loaded, entries, files, s32, s16, dtype, why, scfg, test, co
                      "chosen": "at export: the run's decode_beam / decode_length_norm, or export's --beam / "
                                "--length-norm where given"},
         "source": {"run": str(loaded.run_dir), "checkpoint": loaded.which, "epoch": ck.get("epoch"),
-                   "select_metric": ck.get("select_metric"), "best_score": ck.get("best_score"),
+                   "select_metric": ck.get("select_metric"), "best_score": _finite(ck.get("best_score")),
                    "train_config": ck.get("train_config"), "init_from": ck.get("init_from"),
                    "train_command": command or average_command(ck) or train_command(ck),
                    **({"average": ck["average"]} if ck.get("average") else {})},
