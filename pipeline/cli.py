@@ -97,10 +97,31 @@ def exit_on_sigterm() -> None:
     SPICE that `score` started is stopped and its temporary folder removed, where Python's default action (die at
     once) left SPICE's java running for minutes at full CPU. Exit status 143, as death by SIGTERM; `train` installs
     its own handler while it trains (checkpoint, then stop: training/interrupt.py)."""
+    import os
     import signal
     import threading
+    global _FORK_HOOKED
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        signal.signal(signal.SIGTERM, _exit_143)
+        if not _FORK_HOOKED:          # a forked child (score's decoding workers) dies on SIGTERM at once, as before:
+            os.register_at_fork(after_in_child=_default_sigterm_in_child)   # Pool.terminate relies on it
+            _FORK_HOOKED = True
+
+
+_FORK_HOOKED = False
+
+
+def _exit_143(*_) -> None:
+    sys.exit(143)
+
+
+def _default_sigterm_in_child() -> None:
+    """In a forked child, SIGTERM's default action again where the handler is exit_on_sigterm's: an inherited
+    SystemExit let a multiprocessing worker die holding its task queue's lock (Pool.terminate sends SIGTERM), and
+    `score` hung at the end of a split waiting on it. Another handler (train's checkpoint-and-stop) is kept."""
+    import signal
+    if signal.getsignal(signal.SIGTERM) is _exit_143:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _reuse_freed_memory(device: str) -> None:

@@ -387,12 +387,6 @@ _JOB: dict = {}   # what forked workers decode (set just before the fork, inheri
 
 
 def _worker_init(threads: int) -> None:
-    """A forked decoding worker: `threads` intra-op threads, and SIGTERM's default action (die at once). The
-    parent's handler (cli.exit_on_sigterm: raise SystemExit) is inherited by the fork; Pool.terminate stops its
-    workers with SIGTERM, and a worker that raised SystemExit just after taking the task queue's lock kept it, so
-    the other worker waited on it forever and `score` hung at the end of a split."""
-    import signal
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(threads)
 
 

