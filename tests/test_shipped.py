@@ -338,3 +338,14 @@ def test_a_cut_cache_model_names_its_layer_and_the_extraction_with_layer():
     assert final["extract"] == ("pipeline extract --dataset flickr8k --backbone efficientnet_lite2 "
                                 "--out features/flickr8k_efficientnet_lite2.h5")
     assert "head conv" in final["layer"] and "last_stage_input" not in final["layer"]
+
+
+def test_models_table_columns_line_up_past_28_character_names():
+    """`pipeline models`: a name longer than the old fixed 28-character column no longer shifts its row's columns."""
+    scores = {"stored": "float16", "images": 1000, "float16": {"metrics": {"Bleu_4": 0.2478, "CIDEr": 0.6403}}}
+    models = [{"name": n, "scores": scores, "features": []} for n in ("efficientnet_lite2_soft_distill", "short")]
+    lines = shipped.format_models(models).splitlines()
+    header, rows = lines[0], lines[1:]
+    col = header.index("Bleu_4") + len("Bleu_4")             # right edge of the right-aligned first score column
+    assert [r[:col].split()[-1] for r in rows] == ["24.78", "24.78"]
+    assert {r.index("float16") for r in rows} == {header.index("dtype")}

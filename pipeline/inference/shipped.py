@@ -301,14 +301,15 @@ def format_models(models: Sequence[dict]) -> str:
         return (f"no shipped models in {models_dir()}/ (a model is exported from a run with "
                 f"`pipeline export RUN --name NAME`).")
     cols = ("Bleu_4", "METEOR", "CIDEr", "SPICE")
-    lines = [f"{'model':28s} {'backbone':22s} {'dtype':8s} " + " ".join(f"{c:>7s}" for c in cols) + "  val images"]
+    w = max([28] + [len(m["name"]) for m in models])  # the name column fits the longest name
+    lines = [f"{'model':{w}s} {'backbone':22s} {'dtype':8s} " + " ".join(f"{c:>7s}" for c in cols) + "  val images"]
     for m in models:
         if "error" in m:
-            lines.append(f"{m['name']:28s} unreadable: {m['error']}")
+            lines.append(f"{m['name']:{w}s} unreadable: {m['error']}")
             continue
         s = m.get("scores") or {}
         vals = [val_metric(m, c) for c in cols]
-        lines.append(f"{m['name']:28s} {'+'.join(backbones_of(m)):22s} {s.get('stored', '?'):8s} "
+        lines.append(f"{m['name']:{w}s} {'+'.join(backbones_of(m)):22s} {s.get('stored', '?'):8s} "
                      + " ".join(f"{100 * v:7.2f}" if v is not None else f"{'-':>7s}" for v in vals)
                      + f"  {s.get('images', '?')}"
                      + (f"  ({MANIFEST} names it {m['manifest_name']})" if m.get("manifest_name") else ""))
