@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -91,8 +92,9 @@ def average_command(ckpt: dict) -> str | None:
 
 
 def _finite(x):
-    """A number JSON can hold: None for a NaN (a `pipeline average` run selected no epoch: its best_score is NaN)."""
-    return None if isinstance(x, float) and x != x else x
+    """A number JSON can hold: None for a NaN or inf (a `pipeline average` run selected no epoch: its best_score is
+    NaN)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def _origin(src: dict) -> str:
